@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any
 
 import yaml
 
@@ -44,9 +45,9 @@ __all__ = [
 def _f(
     default: Any,
     help: str,
-    lo: Optional[float] = None,
-    hi: Optional[float] = None,
-    choices: Optional[Sequence[Any]] = None,
+    lo: float | None = None,
+    hi: float | None = None,
+    choices: Sequence[Any] | None = None,
 ) -> Any:
     """A dataclass field with a description and an optional range or set of choices."""
     meta = {"help": help, "lo": lo, "hi": hi, "choices": tuple(choices) if choices else None}
@@ -226,11 +227,11 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "Config":
+    def from_dict(cls, data: Mapping[str, Any]) -> Config:
         """Build a config from a (possibly partial) nested dict over the paper defaults."""
         return _merge(cls(), data, "")
 
-    def replace(self, **overrides: Any) -> "Config":
+    def replace(self, **overrides: Any) -> Config:
         """A copy with dotted-key overrides, e.g. ``cfg.replace(**{"train.iterations": 5})``."""
         return apply_overrides(self, overrides)
 
@@ -382,7 +383,7 @@ def parse_override(text: str) -> tuple:
     return key.strip(), value
 
 
-def apply_overrides(cfg: Config, overrides: Union[Mapping[str, Any], Iterable[str]]) -> Config:
+def apply_overrides(cfg: Config, overrides: Mapping[str, Any] | Iterable[str]) -> Config:
     """Apply dotted-key overrides (a mapping, or ``key=value`` strings) to ``cfg``."""
     items = overrides.items() if isinstance(overrides, Mapping) else map(parse_override, overrides)
     data: dict = {}
@@ -412,10 +413,10 @@ def resolve_device(device: str) -> str:
 
 
 def load_config(
-    path: Optional[Union[str, Path]] = None,
+    path: str | Path | None = None,
     profile: str = "auto",
-    overrides: Union[Mapping[str, Any], Iterable[str], None] = None,
-    device: Optional[str] = None,
+    overrides: Mapping[str, Any] | Iterable[str] | None = None,
+    device: str | None = None,
 ) -> Config:
     """Build a config: profile defaults, then a YAML file, then overrides.
 

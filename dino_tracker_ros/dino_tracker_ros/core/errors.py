@@ -14,7 +14,7 @@ __all__ = [
 
 
 class DinoTrackerError(Exception):
-    """Base class of every error caused by user input; its message is one line saying what to do."""
+    """Base of every error a user can cause; the message is one line saying what to do."""
 
 
 class ConfigError(DinoTrackerError):

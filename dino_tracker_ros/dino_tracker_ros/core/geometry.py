@@ -16,7 +16,6 @@ the token grid: -1 is the first token centre and +1 the last.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Tuple
 
 import numpy as np
 
@@ -26,8 +25,8 @@ PATCH = 14
 
 
 def working_size(
-    orig_hw: Tuple[int, int], height: int, width: int, stride: int, patch: int = PATCH
-) -> Tuple[int, int]:
+    orig_hw: tuple[int, int], height: int, width: int, stride: int, patch: int = PATCH
+) -> tuple[int, int]:
     """Working (H, W) for a clip of size ``orig_hw``.
 
     ``height`` or ``width`` may be 0 to keep the aspect ratio. Both are rounded to the
@@ -47,7 +46,7 @@ def working_size(
     return snap(int(height)), snap(int(width))
 
 
-def rescale_points(xy: np.ndarray, src_hw: Tuple[int, int], dst_hw: Tuple[int, int]) -> np.ndarray:
+def rescale_points(xy: np.ndarray, src_hw: tuple[int, int], dst_hw: tuple[int, int]) -> np.ndarray:
     """Map pixel coordinates ``(..., 2)`` (x, y) from an image of size src_hw to dst_hw."""
     xy = np.asarray(xy, dtype=np.float64)
     sx = dst_hw[1] / src_hw[1]
@@ -74,7 +73,7 @@ class GridGeometry:
     patch: int = PATCH
 
     @property
-    def grid_hw(self) -> Tuple[int, int]:
+    def grid_hw(self) -> tuple[int, int]:
         """Token grid size (h, w)."""
         return (
             (self.height - self.patch) // self.stride + 1,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 from .errors import Cancelled
 
@@ -77,17 +77,20 @@ class StageReporter:
         end: fraction of the whole job where the stage ends.
         cancel: checked at every :meth:`update`.
         min_interval: seconds between reports (the last step is always reported).
+        initial: steps already done when the stage (re)starts, e.g. a resumed training
+            run; the rate counts only the steps after it.
     """
 
     def __init__(
         self,
-        callback: Optional[ProgressCallback],
+        callback: ProgressCallback | None,
         stage: str,
         total: int,
         start: float = 0.0,
         end: float = 1.0,
-        cancel: Optional[CancelToken] = None,
+        cancel: CancelToken | None = None,
         min_interval: float = 0.2,
+        initial: int = 0,
     ) -> None:
         self.callback = callback
         self.stage = stage
@@ -97,6 +100,7 @@ class StageReporter:
         self.min_interval = min_interval
         self._t0 = time.monotonic()
         self._last = -1e9
+        self.initial = int(initial)
 
     def update(self, step: int, loss: float = float("nan"), message: str = "") -> None:
         """Report that ``step`` of ``total`` steps are done; raise if cancelled."""
@@ -109,5 +113,6 @@ class StageReporter:
         elapsed = max(now - self._t0, 1e-9)
         frac = self.start + (self.end - self.start) * min(step / self.total, 1.0)
         self.callback(
-            Progress(self.stage, frac, step, self.total, loss, step / elapsed, message)
+            Progress(self.stage, frac, step, self.total, loss,
+                     max(step - self.initial, 0) / elapsed, message)
         )

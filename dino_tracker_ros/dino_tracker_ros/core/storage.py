@@ -13,8 +13,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Union
 
 import numpy as np
 
@@ -175,7 +176,7 @@ def save_torch_atomic(obj: Any, path: PathLike) -> None:
         torch.save(obj, tmp)
 
 
-def load_optional_json(path: PathLike) -> Optional[Any]:
+def load_optional_json(path: PathLike) -> Any | None:
     """Read a JSON file, or return ``None`` when it does not exist."""
     try:
         return read_json(path)

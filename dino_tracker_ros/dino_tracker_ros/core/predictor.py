@@ -1,0 +1,512 @@
+"""Inference: refined-feature cache, tracking of query points, and visibility.
+
+A trained clip answers queries from its refined features ``Phi = Phi_DINO + Phi_Delta``,
+computed once for all frames and cached on disk (``cache/refined.npy``, fp16 by default,
+with ``cache/refined.json`` naming the model file it belongs to). Every query is predicted
+independently in every frame from its own feature (no frame-to-frame chaining, hence no
+drift), forward and backward in time from its query frame. Visibility comes from
+trajectory agreement (:mod:`.visibility`).
+
+Cost and memory: queries are processed in batches (``track.query_batch``, shrunk so that
+the per-batch feature buffer stays under :data:`FEATURE_BUFFER_BYTES`), frames in chunks
+of ``track.frame_batch``, and each head call holds at most :data:`MAP_BUDGET` cost-map
+cells of the refiner's 16-channel activations. The cache is streamed from its memory map,
+so RAM does not grow with the clip length beyond the (queries x frames) results.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any, NamedTuple, Optional, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .clip import Clip
+from .config import TrackConfig, resolve_device
+from .errors import NotTrainedError, QueryError
+from .geometry import rescale_points
+from .progress import CancelToken, ProgressCallback, StageReporter
+from .storage import create_array, load_optional_json, open_array, write_json_atomic
+from .visibility import agreement_visibility, select_anchors
+
+__all__ = [
+    "CACHE_VERSION",
+    "Predictor",
+    "TrackResult",
+    "build_refined_cache",
+    "cache_is_fresh",
+    "grid_queries",
+    "locate_windowed",
+    "validate_queries",
+]
+
+logger = logging.getLogger("dino_tracker.predictor")
+
+CACHE_VERSION = 1
+MAP_BUDGET = 1 << 24  # cost-map cells per head call (the refiner runs on small windows)
+FEATURE_BUFFER_BYTES = 1 << 28  # per query batch: features at the predictions (Q, T, C)
+_EPS = 1e-8  # as the head's cosine
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+class TrackResult(NamedTuple):
+    """Tracks of N queries over the T frames of a clip.
+
+    Attributes:
+        tracks: (N, T, 2) float32 (x, y) in original pixels.
+        visible: (N, T) bool, ``visibility >= track.visibility_threshold``.
+        visibility: (N, T) float32 score in [0, 1].
+        queries: (N, 3) float64 (t, x, y) original pixels, as given.
+        stamps_ns: (T,) int64 frame stamps.
+    """
+
+    tracks: np.ndarray
+    visible: np.ndarray
+    visibility: np.ndarray
+    queries: np.ndarray
+    stamps_ns: np.ndarray
+
+
+# -- queries ----------------------------------------------------------------------------
+def grid_queries(size_hw: Tuple[int, int], step: int, frame: int = 0) -> np.ndarray:
+    """A regular grid of queries on one frame.
+
+    Points sit every ``step`` pixels, starting ``step // 2`` from the top-left corner (one
+    point in the middle when ``step`` exceeds the image).
+
+    Args:
+        size_hw: image (H, W) in original pixels.
+        step: grid spacing in pixels (>= 1).
+        frame: frame index of every query.
+
+    Returns:
+        (N, 3) float64 (t, x, y), row-major (y outer).
+    """
+    if step < 1:
+        raise QueryError(f"grid step must be at least 1 pixel, got {step}")
+    h, w = int(size_hw[0]), int(size_hw[1])
+    xs = np.arange(step // 2, w, step, dtype=np.float64)
+    ys = np.arange(step // 2, h, step, dtype=np.float64)
+    xs = xs if len(xs) else np.array([(w - 1) / 2.0])
+    ys = ys if len(ys) else np.array([(h - 1) / 2.0])
+    gy, gx = np.meshgrid(ys, xs, indexing="ij")
+    n = gx.size
+    return np.stack([np.full(n, float(frame)), gx.ravel(), gy.ravel()], axis=1)
+
+
+def validate_queries(queries: Any, num_frames: int, size_hw: Tuple[int, int]) -> np.ndarray:
+    """Check query points; return them as (N, 3) float64 with integer-valued frames.
+
+    Raises:
+        QueryError: wrong shape, non-finite values, a frame outside [0, T) or not an
+            integer, or a point outside the image ``[-0.5, W - 0.5] x [-0.5, H - 0.5]``.
+    """
+    try:
+        q = np.asarray(queries, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise QueryError("queries must be numbers: rows of t, x, y") from None
+    if q.ndim == 1 and q.size == 3:
+        q = q[None, :]
+    if q.ndim != 2 or q.shape[1] != 3:
+        raise QueryError(f"queries must be an (N, 3) array of t, x, y; got shape {q.shape}")
+    h, w = size_hw
+    for i, (t, x, y) in enumerate(q):
+        if not np.isfinite([t, x, y]).all():
+            raise QueryError(f"query {i} is not finite (t={t}, x={x}, y={y}); give numbers")
+        if abs(t - round(t)) > 1e-6:
+            raise QueryError(f"query {i}: frame must be an integer, got {t:g}")
+        if not 0 <= round(t) < num_frames:
+            raise QueryError(
+                f"query {i}: frame {t:g} is outside the clip (frames 0..{num_frames - 1})"
+            )
+        if not (-0.5 <= x <= w - 0.5 and -0.5 <= y <= h - 0.5):
+            raise QueryError(
+                f"query {i}: point ({x:g}, {y:g}) lies outside the {w}x{h} image "
+                f"(x in [-0.5, {w - 0.5:g}], y in [-0.5, {h - 0.5:g}])"
+            )
+    q = q.copy()
+    q[:, 0] = np.rint(q[:, 0])
+    return q
+
+
+# -- refined-feature cache ----------------------------------------------------------------
+def _as_clip(clip: Union[Clip, PathLike]) -> Clip:
+    return clip if isinstance(clip, Clip) else Clip.open(clip)
+
+
+def _model_path(clip: Clip) -> Path:
+    return Path(clip.model_dir) / "model.pt"
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _cache_identity(clip: Clip) -> dict:
+    """What the cache depends on: the model file's bytes and the DINO features file."""
+    model = _model_path(clip)
+    if not model.is_file():
+        raise NotTrainedError(f"clip {clip.clip_id!r} has no trained model; train it first")
+    feats = Path(clip.work_dir) / "features.npy"
+    fst = feats.stat() if feats.is_file() else None
+    return {
+        "version": CACHE_VERSION,
+        "model_sha256": _file_sha256(model),
+        "model_size": model.stat().st_size,
+        "features_size": fst.st_size if fst else None,
+        "features_mtime_ns": fst.st_mtime_ns if fst else None,
+    }
+
+
+def cache_is_fresh(clip: Union[Clip, PathLike]) -> bool:
+    """Whether ``cache/refined.npy`` exists and belongs to the clip's current model."""
+    clip = _as_clip(clip)
+    cache = Path(clip.cache_dir)
+    rec = load_optional_json(cache / "refined.json")
+    if not isinstance(rec, dict) or not (cache / "refined.npy").is_file():
+        return False
+    try:
+        ident = _cache_identity(clip)
+    except NotTrainedError:
+        return False
+    return all(rec.get(k) == v for k, v in ident.items())
+
+
+def build_refined_cache(
+    clip: Union[Clip, PathLike],
+    *,
+    device: str = "auto",
+    progress: Optional[ProgressCallback] = None,
+    cancel: Optional[CancelToken] = None,
+    start: float = 0.0,
+    end: float = 1.0,
+) -> Path:
+    """Compute the refined features of every frame with the clip's trained model.
+
+    Streams ``track.frame_batch`` frames at a time from ``work/frames.npy`` and
+    ``work/features.npy`` into ``cache/refined.npy`` (T, C, h, w) (``track.cache_precision``,
+    fp16 by default), then writes ``cache/refined.json`` (model file hash and size, DINO
+    features file size and mtime). Peak RAM does not depend on T.
+
+    Args:
+        clip: the clip or its directory.
+        device: torch device (``auto``: CUDA when available).
+        progress: receives stage ``caching`` reports with fractions in [start, end].
+        cancel: checked between batches.
+        start, end: this job's share of a larger job's progress range.
+
+    Returns:
+        Path of ``cache/refined.npy``.
+
+    Raises:
+        NotTrainedError: no model or no preprocessing, or they do not match.
+    """
+    from .backbone import to_input
+    from .checkpoint import load_model
+    from .preprocess import Workspace
+
+    clip = _as_clip(clip)
+    dev = torch.device(resolve_device(device))
+    model, cfg, meta = load_model(_model_path(clip), dev)
+    ws = Workspace(clip, cfg)
+    frames, feats = ws.frames(), ws.features()
+    num_t, c, h, w = feats.shape
+    if (
+        tuple(frames.shape[1:3]) != tuple(meta["image_size"])
+        or c != model.channels
+        or (h, w) != model.geometry.grid_hw
+        or len(frames) != num_t
+    ):
+        raise NotTrainedError(
+            f"clip {clip.clip_id!r}: preprocessing does not match the trained model; "
+            "train the clip again"
+        )
+    ident = _cache_identity(clip)
+    cache = Path(clip.cache_dir)
+    (cache / "refined.json").unlink(missing_ok=True)
+    dtype = np.float16 if cfg.track.cache_precision == "fp16" else np.float32
+    fb = max(1, int(cfg.track.frame_batch))
+    reporter = StageReporter(progress, "caching", num_t, start, end, cancel)
+    with create_array(cache / "refined.npy", (num_t, c, h, w), dtype) as out, torch.no_grad():
+        for t0 in range(0, num_t, fb):
+            t1 = min(t0 + fb, num_t)
+            images = to_input(np.asarray(frames[t0:t1]), dev)
+            dino = torch.from_numpy(np.asarray(feats[t0:t1])).to(dev)
+            out[t0:t1] = model.refine(images, dino).cpu().numpy().astype(dtype)
+            reporter.update(t1)
+    write_json_atomic(cache / "refined.json", {**ident, "shape": [num_t, c, h, w],
+                                               "dtype": np.dtype(dtype).name})
+    logger.info("refined-feature cache of %s: %d frames, %s", clip.clip_id, num_t, dtype.__name__)
+    return cache / "refined.npy"
+
+
+# -- prediction ---------------------------------------------------------------------------
+def _kernel_margin(refiner: torch.nn.Module) -> int:
+    """Cells a stack of same-padded convolutions reads beyond its output (sum of half-kernels)."""
+    return sum(
+        int(m.weight.shape[-1]) // 2
+        for m in refiner.modules()
+        if isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 4
+    )
+
+
+def locate_windowed(head: torch.nn.Module, cost: torch.Tensor) -> torch.Tensor:
+    """``head.locate(cost)`` computed only around each cost map's peak (same result, faster).
+
+    The tracker head's soft-argmax only weighs token cells within ``head.radius`` of the
+    raw cosine peak, and the softmax normaliser cancels in its renormalisation over that
+    disc; the refiner's same-padded convolutions only read a few cells around each output.
+    So the refiner runs on a window of the disc plus that margin, with the cells outside
+    the map zeroed after every layer (what zero padding gives on the full map).
+
+    Args:
+        head: a :class:`~.model.TrackerHead` (``geometry``, ``radius``, ``refiner``).
+        cost: (B, Q, h, w) raw cosine maps.
+
+    Returns:
+        (B, Q, 2) float32 working-pixel (x, y).
+    """
+    b, q, h, w = cost.shape
+    n = b * q
+    dev = cost.device
+    stride = float(head.geometry.stride)
+    r = int(math.floor(float(head.radius) / stride + 1e-6))
+    m = _kernel_margin(head.refiner)
+    pad = r + m
+    with torch.autocast(device_type=dev.type, enabled=False):
+        maps = cost.float().reshape(n, h * w)
+        peak = maps.argmax(-1)
+        pi, pj = peak // w, peak % w
+        offs = torch.arange(-pad, pad + 1, device=dev)
+        rows = pi[:, None] + offs[None]  # (N, S)
+        cols = pj[:, None] + offs[None]
+        inside = (((rows >= 0) & (rows < h))[:, :, None]
+                  & ((cols >= 0) & (cols < w))[:, None, :])  # (N, S, S)
+        flat = rows.clamp(0, h - 1)[:, :, None] * w + cols.clamp(0, w - 1)[:, None, :]
+        x = torch.gather(maps, 1, flat.reshape(n, -1)).reshape(n, 1, 2 * pad + 1, -1)
+        mask = inside[:, None].to(x.dtype)
+        x = F.relu(x) * mask
+        for layer in list(head.refiner.children()) or [head.refiner]:
+            x = layer(x) * mask
+        core = slice(m, m + 2 * r + 1)
+        heat = x[:, 0, core, core]  # (N, 2r+1, 2r+1)
+        d = torch.arange(-r, r + 1, device=dev, dtype=torch.float32) * stride
+        disc = (d[:, None] ** 2 + d[None, :] ** 2) <= float(head.radius) ** 2
+        valid = disc[None] & inside[:, core, core]
+        logits = heat.masked_fill(~valid, -float("inf")).reshape(n, -1)
+        prob = torch.softmax(logits, dim=-1).reshape(heat.shape)
+        gx = head.geometry.grid_to_pixel(cols[:, core].float())  # (N, 2r+1)
+        gy = head.geometry.grid_to_pixel(rows[:, core].float())
+        x_pos = (prob.sum(dim=1) * gx).sum(-1)
+        y_pos = (prob.sum(dim=2) * gy).sum(-1)
+    return torch.stack([x_pos, y_pos], -1).reshape(b, q, 2)
+
+
+class Predictor:
+    """Tracks query points of one clip with a model and a per-frame feature array.
+
+    Usually made with :meth:`open` (trained model + refined-feature cache). The
+    untrained-features baseline builds one directly from the DINO features.
+
+    Args:
+        model: a :class:`~.model.DinoTrackerModel` (only ``sample``, ``predict`` and
+            ``geometry`` are used).
+        features: (T, C, h, w) per-frame features (array or memory map, any float dtype).
+        orig_size: the clip's original (H, W).
+        track_cfg: inference and visibility settings.
+        device: torch device for the computation.
+        stamps_ns: (T,) frame stamps (default: zeros).
+        precision: dtype of the visibility check's cost maps (the trajectories are always
+            fp32): ``fp32``, ``bf16``, ``fp16`` or ``auto`` (bf16 where the device computes
+            it fast: CUDA with bf16, CPUs with AVX512-BF16/AMX; else fp32).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        features: np.ndarray,
+        *,
+        orig_size: Tuple[int, int],
+        track_cfg: Optional[TrackConfig] = None,
+        device: Union[str, torch.device] = "cpu",
+        stamps_ns: Optional[np.ndarray] = None,
+        precision: str = "auto",
+    ) -> None:
+        from .backbone import resolve_precision
+
+        self.device = torch.device(resolve_device(device) if isinstance(device, str) else device)
+        self.anchor_dtype = resolve_precision(precision, self.device) or torch.float32
+        self.model = model.to(self.device).eval()
+        self.features = features
+        self.geometry = model.geometry
+        self.work_size = (int(self.geometry.height), int(self.geometry.width))
+        self.orig_size = (int(orig_size[0]), int(orig_size[1]))
+        self.track_cfg = track_cfg or TrackConfig()
+        num_t = int(features.shape[0])
+        if tuple(features.shape[2:]) != tuple(self.geometry.grid_hw):
+            raise NotTrainedError(
+                f"features of grid {tuple(features.shape[2:])} do not match the model's "
+                f"{self.geometry.grid_hw}; train the clip again"
+            )
+        self.stamps_ns = (
+            np.zeros(num_t, dtype=np.int64) if stamps_ns is None
+            else np.asarray(stamps_ns, dtype=np.int64)
+        )
+
+    @classmethod
+    def open(
+        cls,
+        clip: Union[Clip, PathLike],
+        *,
+        device: str = "auto",
+        track_cfg: Optional[TrackConfig] = None,
+        progress: Optional[ProgressCallback] = None,
+        cancel: Optional[CancelToken] = None,
+        precision: str = "auto",
+    ) -> "Predictor":
+        """The predictor of a trained clip; (re)builds a missing or stale feature cache.
+
+        Args:
+            clip: the clip or its directory.
+            device: torch device (``auto``: CUDA when available).
+            track_cfg: inference settings (default: those stored with the model).
+            progress, cancel: for a cache rebuild (stage ``caching``).
+            precision: see the class docstring.
+
+        Raises:
+            NotTrainedError: the clip has no trained model.
+        """
+        from .checkpoint import load_model
+
+        clip = _as_clip(clip)
+        if not cache_is_fresh(clip):
+            logger.info("refined-feature cache of %s missing or stale: rebuilding", clip.clip_id)
+            build_refined_cache(clip, device=device, progress=progress, cancel=cancel)
+        dev = torch.device(resolve_device(device))
+        model, cfg, _ = load_model(_model_path(clip), dev)
+        feats = open_array(Path(clip.cache_dir) / "refined.npy")
+        return cls(model, feats, orig_size=clip.size, track_cfg=track_cfg or cfg.track,
+                   device=dev, stamps_ns=clip.stamps_ns, precision=precision)
+
+    @property
+    def num_frames(self) -> int:
+        """T."""
+        return int(self.features.shape[0])
+
+    def _frames(self, t0: int, t1: int) -> torch.Tensor:
+        """Features of frames [t0, t1) as float32 ``(B, C, h, w)`` on the device."""
+        block = np.asarray(self.features[t0:t1])
+        return torch.from_numpy(block).to(self.device, torch.float32)
+
+    def _predict(self, qn: torch.Tensor, tn: torch.Tensor) -> torch.Tensor:
+        """Head predictions from unit-norm features, chunked over queries.
+
+        Args:
+            qn: (B, Q, C) or (Q, C) unit-norm query features (B may broadcast).
+            tn: (B, C, h * w) or (C, h * w) unit-norm target features (same dtype as qn).
+
+        Returns:
+            (B, Q, 2) or (Q, 2) working-pixel positions, equal to ``model.predict`` on the
+            unnormalised features (cosine cost map, then :func:`locate_windowed`).
+        """
+        h, w = self.geometry.grid_hw
+        lead = torch.broadcast_shapes(qn.shape[:-2], tn.shape[:-2])
+        b = int(np.prod(lead)) if len(lead) else 1
+        chunk = max(1, MAP_BUDGET // (h * w * b))
+        head = self.model.head
+        out = []
+        for i in range(0, qn.shape[-2], chunk):
+            cost = torch.matmul(qn[..., i:i + chunk, :], tn)  # (..., q, h*w)
+            cost = cost.reshape(b, -1, h, w)
+            out.append(locate_windowed(head, cost).reshape(*lead, -1, 2))
+        return torch.cat(out, dim=-2)
+
+    def track(self, queries: Any) -> TrackResult:
+        """Track query points through every frame of the clip.
+
+        Args:
+            queries: (N, 3) (t, x, y) in original pixels; ``t`` an integer frame index.
+
+        Returns:
+            :class:`TrackResult` in original pixels. At its own frame a query is placed at
+            the query point with visibility 1.
+
+        Raises:
+            QueryError: see :func:`validate_queries`.
+        """
+        q = validate_queries(queries, self.num_frames, self.orig_size)
+        n, num_t = len(q), self.num_frames
+        frames = q[:, 0].astype(np.int64)
+        xy = rescale_points(q[:, 1:], self.orig_size, self.work_size)
+        tracks = np.zeros((n, num_t, 2), np.float32)
+        score = np.zeros((n, num_t), np.float32)
+        c = int(self.features.shape[1])
+        batch = max(1, min(int(self.track_cfg.query_batch),
+                           FEATURE_BUFFER_BYTES // max(1, num_t * c * 4)))
+        with torch.no_grad():
+            for i in range(0, n, batch):
+                traj, sc = self._track_working(frames[i:i + batch], xy[i:i + batch])
+                tracks[i:i + batch] = traj
+                score[i:i + batch] = sc
+        out = rescale_points(tracks, self.work_size, self.orig_size).astype(np.float32)
+        out[np.arange(n), frames] = q[:, 1:]
+        score[np.arange(n), frames] = 1.0
+        visible = score >= float(self.track_cfg.visibility_threshold)
+        return TrackResult(out, visible, score, q, self.stamps_ns.copy())
+
+    def query_features(self, frames: np.ndarray, xy: np.ndarray) -> torch.Tensor:
+        """Features ``(Q, C)`` at working-pixel points ``xy (Q, 2)`` of frames ``(Q,)``."""
+        out = torch.empty(len(frames), int(self.features.shape[1]), device=self.device)
+        pts = torch.as_tensor(xy, dtype=torch.float32, device=self.device)
+        for k in np.unique(frames):
+            sel = np.flatnonzero(frames == k)
+            feats = self._frames(int(k), int(k) + 1)
+            out[sel] = self.model.sample(feats, pts[sel][None])[0]
+        return out
+
+    def _track_working(self, frames: np.ndarray, xy: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """Trajectories (Q, T, 2) working px and visibility scores (Q, T) of one query batch."""
+        cfg = self.track_cfg
+        qn, num_t = len(frames), self.num_frames
+        dev = self.device
+        qf = self.query_features(frames, xy)  # (Q, C)
+        qn_ = F.normalize(qf, dim=-1, eps=_EPS)
+        traj = torch.empty(qn, num_t, 2, device=dev)
+        cos = torch.empty(qn, num_t, device=dev)
+        # unit-norm features at the predictions, in the anchor pass's dtype
+        src = torch.empty(qn, num_t, qf.shape[1], device=dev, dtype=self.anchor_dtype)
+        fb = max(1, int(cfg.frame_batch))
+        for t0 in range(0, num_t, fb):
+            t1 = min(t0 + fb, num_t)
+            target = self._frames(t0, t1)  # (B, C, h, w)
+            tn = F.normalize(target, dim=1, eps=_EPS).flatten(2)
+            pred = self._predict(qn_[None], tn)  # (B, Q, 2)
+            at = F.normalize(self.model.sample(target, pred), dim=-1, eps=_EPS)  # (B, Q, C)
+            traj[:, t0:t1] = pred.transpose(0, 1)
+            src[:, t0:t1] = at.transpose(0, 1).to(src.dtype)
+            cos[:, t0:t1] = (at * qn_[None]).sum(-1).transpose(0, 1)
+        rows = torch.arange(qn, device=dev)
+        kq = torch.as_tensor(frames, device=dev)
+        traj[rows, kq] = torch.as_tensor(xy, dtype=torch.float32, device=dev)
+        src[rows, kq] = qn_.to(src.dtype)
+        cos[rows, kq] = 1.0
+        anchors, valid = select_anchors(cos, kq, cfg.anchor_cos, cfg.max_anchors)
+        cycle = torch.zeros(qn, anchors.shape[1], num_t, 2, device=dev)
+        for a in torch.unique(anchors[valid]).tolist():
+            qi, si = torch.nonzero((anchors == a) & valid, as_tuple=True)
+            tn = F.normalize(self._frames(a, a + 1)[0], dim=0, eps=_EPS).flatten(1)
+            pts = self._predict(src[qi].reshape(-1, src.shape[-1]), tn.to(src.dtype))
+            cycle[qi, si] = pts.reshape(len(qi), num_t, 2)
+        vis = agreement_visibility(cycle, traj, anchors, valid, cos, kq, cfg.occlusion_cos)
+        return traj.cpu().numpy(), vis.score.cpu().numpy()

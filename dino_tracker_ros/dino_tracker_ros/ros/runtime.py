@@ -1,0 +1,91 @@
+"""What the nodes share: names, QoS profiles, and the process runner behind every ``main()``.
+
+:func:`run_nodes` is the one place that initialises rclpy, spins the nodes on a
+:class:`~rclpy.executors.MultiThreadedExecutor` in the main thread, and shuts down in the
+order that keeps rclpy from aborting at exit: stop the nodes' own worker threads (so no
+executor callback stays blocked), ``executor.shutdown()``, ``destroy_node()``, then
+``rclpy.try_shutdown()``. Ctrl-C (SIGINT) and SIGTERM end it cleanly with exit code 0; a
+bad startup parameter ends it with a one-line error and exit code 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+
+import rclpy
+import rclpy.logging
+from rclpy.exceptions import InvalidParameterTypeException, InvalidParameterValueException
+from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.node import Node
+from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+
+from ..core.errors import DinoTrackerError
+
+__all__ = ["CLIPS_QOS", "DEFAULT_NAMESPACE", "StoppableNode", "run_nodes"]
+
+#: Namespace of the nodes unless remapped (``--ros-args -r __ns:=/other``).
+DEFAULT_NAMESPACE = "/dino_tracker"
+
+#: ``clips``: reliable and transient-local, so a late trainer or tracker still learns of
+#: the last 100 clip announcements and state updates.
+CLIPS_QOS = QoSProfile(
+    history=HistoryPolicy.KEEP_LAST,
+    depth=100,
+    reliability=ReliabilityPolicy.RELIABLE,
+    durability=DurabilityPolicy.TRANSIENT_LOCAL,
+)
+
+
+class StoppableNode(Node):
+    """A node with worker threads: :meth:`stop` ends them before the executor shuts down."""
+
+    def stop(self) -> None:
+        """Stop background work and release blocked callbacks (idempotent)."""
+
+    def destroy_node(self) -> None:
+        """Stop background work, then destroy the node."""
+        self.stop()
+        super().destroy_node()
+
+
+def run_nodes(
+    factories: Sequence[Callable[[], Node]],
+    args: list[str] | None = None,
+    num_threads: int | None = None,
+) -> int:
+    """Create nodes, spin them until shutdown, and tear everything down in order.
+
+    Args:
+        factories: callables creating the nodes (called after ``rclpy.init``).
+        args: command line (default ``sys.argv``), ROS arguments after ``--ros-args``.
+        num_threads: executor threads (default: 2 per node, at least 4).
+
+    Returns:
+        Process exit code: 0 on a normal shutdown, 2 on a configuration error.
+    """
+    rclpy.init(args=sys.argv if args is None else args)
+    nodes: list[Node] = []
+    executor = MultiThreadedExecutor(num_threads=num_threads or max(4, 2 * len(factories)))
+    code = 0
+    try:
+        for make in factories:
+            nodes.append(make())
+            executor.add_node(nodes[-1])
+        executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    except (DinoTrackerError, InvalidParameterValueException,
+            InvalidParameterTypeException) as exc:
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        rclpy.logging.get_logger("dino_tracker").error(first)
+        code = 2
+    finally:
+        for node in nodes:
+            if isinstance(node, StoppableNode):
+                node.stop()
+        executor.shutdown()
+        for node in nodes:
+            node.destroy_node()
+        rclpy.try_shutdown()
+    return code
