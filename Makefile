@@ -13,7 +13,7 @@ CLIP ?=
 ARGS ?=
 export TORCH_SPEC VENV
 
-.PHONY: help setup test demo nodes lint clean distclean
+.PHONY: help setup test demo nodes lint docs bench clean distclean
 
 help:
 	@echo "make setup   create/update .venv and colcon-build both packages (TORCH_SPEC=skip keeps your torch)"
@@ -22,6 +22,8 @@ help:
 	@echo "make nodes   recorder, trainer and tracker in one process, namespace /dino_tracker"
 	@echo "             (ARGS='--ros-args -p clip_dir:=/some/dir' passes ROS arguments)"
 	@echo "make lint    ruff over all Python"
+	@echo "make docs    regenerate docs/configuration.md from the configuration schema"
+	@echo "make bench   accuracy and speed benchmarks (BENCH_ARGS=--quick for a short run)"
 	@echo "make clean   remove build/, install/, log/ (distclean: also .venv/)"
 
 setup:
@@ -44,6 +46,13 @@ lint: | $(VENV)/bin/ruff
 
 $(VENV)/bin/ruff:
 	@bash "$(ROOT)/tools/setup.sh"
+
+docs: setup
+	@$(ENV) python tools/gen_config_doc.py
+
+BENCH_ARGS ?=
+bench: setup
+	@$(ENV) python bench/accuracy.py $(BENCH_ARGS) && python bench/speed.py $(BENCH_ARGS)
 
 clean:
 	rm -rf "$(ROOT)/build" "$(ROOT)/install" "$(ROOT)/log"

@@ -23,7 +23,7 @@ setup(
         ("share/ament_index/resource_index/packages", [f"resource/{PACKAGE}"]),
         (SHARE, ["package.xml"]),
         (f"{SHARE}/launch", files("launch/*.py")),
-        (f"{SHARE}/config", files("config/*.yaml")),
+        (f"{SHARE}/config", files("config/*.yaml") + files("config/*.xml")),
         (f"{SHARE}/rviz", files("rviz/*.rviz")),
     ],
     install_requires=["setuptools"],

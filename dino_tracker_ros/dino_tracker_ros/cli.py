@@ -177,11 +177,17 @@ def cmd_track(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .core.evaluation import evaluate_clip, format_table
+    from .core.baselines import METHODS, evaluate_clip, format_tables
 
     cfg = _config(args)
-    report = evaluate_clip(_open_clip(args.clip), cfg, baselines=not args.no_baselines)
-    print(format_table(report))
+    methods = ("tracker",) if args.no_baselines else METHODS
+    bars = ProgressBars(not args.quiet)
+    try:
+        report = evaluate_clip(_open_clip(args.clip), cfg, device=cfg.device,
+                               query_mode=args.query_mode, methods=methods, progress=bars)
+    finally:
+        bars.close()
+    print(format_tables(report))
     if args.json:
         from .core.storage import write_json_atomic
 
@@ -280,7 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--topic", required=True, help="sensor_msgs/Image or CompressedImage topic")
     p.add_argument("--clip-dir", type=Path, required=True, help="folder that holds clips")
     p.add_argument("--clip-id", default=None)
-    p.add_argument("--start", type=float, default=None, help="seconds from the bag's start")
+    p.add_argument("--start", type=float, default=None,
+                   help="seconds after the topic's first frame (header stamps)")
     p.add_argument("--duration", type=float, default=None, help="seconds")
     p.add_argument("--stride", type=int, default=1)
 
@@ -309,7 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
             config=True)
     p.add_argument("clip", type=Path, help="clip directory with ground_truth.npz")
     p.add_argument("--json", type=Path, help="also write the report as JSON")
-    p.add_argument("--no-baselines", action="store_true")
+    p.add_argument("--no-baselines", action="store_true", help="score only the trained tracker")
+    p.add_argument("--query-mode", default="strided", choices=["strided", "first"])
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     p = add("list", cmd_list, "list clips and their training state")
     p.add_argument("clip_dir", type=Path)

@@ -91,7 +91,8 @@ def to_input(
     A single (H, W, 3) frame gives a batch of one.
     """
     if isinstance(frames, np.ndarray):
-        x = torch.from_numpy(np.ascontiguousarray(frames))
+        # read-only memmaps are copied (torch tensors must be writable)
+        x = torch.from_numpy(np.require(frames, requirements=("C", "W")))
     else:
         x = frames
     if x.dtype != torch.uint8:

@@ -25,8 +25,9 @@ import dataclasses
 import logging
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Any
 
 import numpy as np
 
@@ -53,14 +54,14 @@ TABLE_KEYS = ("aj", "delta_avg", "oa", "delta_1", "delta_2", "delta_4", "delta_8
 
 
 def chained_flow_tracks(
-    frames: Union[np.ndarray, Sequence[np.ndarray]],
+    frames: np.ndarray | Sequence[np.ndarray],
     queries: np.ndarray,
     *,
     estimator: Any = None,
     cycle_threshold: float = 1.5,
-    progress: Optional[ProgressCallback] = None,
-    cancel: Optional[CancelToken] = None,
-) -> Tuple[np.ndarray, np.ndarray]:
+    progress: ProgressCallback | None = None,
+    cancel: CancelToken | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Track points by chaining frame-to-frame optical flow from their query frames.
 
     Each step moves a point by the flow sampled bilinearly at its position; the step into
@@ -115,7 +116,7 @@ def untrained_predictor(
     cfg: Config,
     *,
     device: str = "auto",
-    track_cfg: Optional[TrackConfig] = None,
+    track_cfg: TrackConfig | None = None,
     precision: str = "auto",
 ) -> Any:
     """A :class:`~.predictor.Predictor` on the clip's DINO features alone (no training).
@@ -159,7 +160,7 @@ def reappearing(visible: np.ndarray) -> np.ndarray:
     return (between & ~vis).any(axis=1)
 
 
-def _scores(queries, gt_tracks, gt_vis, tracks, vis, hw, mode) -> Dict[str, Any]:
+def _scores(queries, gt_tracks, gt_vis, tracks, vis, hw, mode) -> dict[str, Any]:
     """Metrics over all queries and over the reappearing ones."""
     sub = reappearing(gt_vis)
     out = {"all": evaluate_tracks(queries, gt_tracks, gt_vis, tracks, vis, hw, mode)}
@@ -173,15 +174,15 @@ def _scores(queries, gt_tracks, gt_vis, tracks, vis, hw, mode) -> Dict[str, Any]
 
 
 def evaluate_clip(
-    clip: Union[Clip, str, "os.PathLike[str]"],
-    cfg: Optional[Config] = None,
+    clip: Clip | str | os.PathLike[str],
+    cfg: Config | None = None,
     *,
     device: str = "auto",
     query_mode: str = "strided",
     methods: Sequence[str] = METHODS,
-    progress: Optional[ProgressCallback] = None,
-    cancel: Optional[CancelToken] = None,
-) -> Dict[str, Any]:
+    progress: ProgressCallback | None = None,
+    cancel: CancelToken | None = None,
+) -> dict[str, Any]:
     """Score the trained tracker and the baselines on a clip with ground truth.
 
     Queries come from the ground truth (:func:`~.metrics.sample_queries`: ``first``: each
@@ -189,8 +190,10 @@ def evaluate_clip(
 
     Args:
         clip: a clip with ``ground_truth.npz`` (e.g. from ``dino-tracker synth``).
-        cfg: configuration for the untrained and DIS baselines' preprocessing (default:
-            the one stored with the trained model; required when ``tracker`` is not run).
+        cfg: its ``track`` section sets the inference settings (default: those stored with
+            the model). The baselines use the preprocessing (working size, DINO features)
+            of the configuration stored with the trained model; ``cfg``'s only when the clip
+            has no model (and ``tracker`` is not among ``methods``).
         device: torch device.
         query_mode: ``first`` or ``strided``.
         methods: any of :data:`METHODS`.
@@ -220,11 +223,15 @@ def evaluate_clip(
     queries, idx = sample_queries(gt.tracks, gt.visible, query_mode)
     gt_tracks, gt_vis = gt.tracks[idx], gt.visible[idx]
     hw = clip.size
-    if cfg is None:
+    track_cfg = cfg.track if cfg is not None else None
+    model_file = Path(clip.model_dir) / "model.pt"
+    if model_file.is_file():  # the baselines use the preprocessing the model was trained on
         from .checkpoint import load_model
 
-        _, cfg, _ = load_model(Path(clip.model_dir) / "model.pt", "cpu")
-    result: Dict[str, Any] = {
+        _, cfg, _ = load_model(model_file, "cpu")
+    elif cfg is None or "tracker" in methods:
+        raise NotTrainedError(f"clip {clip.clip_id!r} has no trained model; train it first")
+    result: dict[str, Any] = {
         "clip": clip.clip_id,
         "query_mode": query_mode,
         "num_queries": int(len(queries)),
@@ -244,10 +251,11 @@ def evaluate_clip(
             StageReporter(progress, name, len(methods)).update(i)
         t0 = time.monotonic()
         if name == "tracker":
-            res = Predictor.open(clip, device=device).track(queries)
+            res = Predictor.open(clip, device=device, track_cfg=track_cfg).track(queries)
             tracks, vis = res.tracks, res.visible
         elif name == "untrained":
-            res = untrained_predictor(clip, cfg, device=device).track(queries)
+            res = untrained_predictor(clip, cfg, device=device,
+                                      track_cfg=track_cfg).track(queries)
             tracks, vis = res.tracks, res.visible
         else:
             q_work = queries.copy()
@@ -267,7 +275,7 @@ def evaluate_clip(
     return result
 
 
-def format_tables(result: Dict[str, Any], keys: Sequence[str] = TABLE_KEYS) -> str:
+def format_tables(result: dict[str, Any], keys: Sequence[str] = TABLE_KEYS) -> str:
     """Markdown tables (all queries, reappearing queries) of :func:`evaluate_clip`'s result.
 
     Values are percentages, as in the TAP-Vid and DINO-Tracker papers.

@@ -245,8 +245,8 @@ def _cpu_profile() -> Config:
         ),
         model=ModelConfig(delta_channels=(16, 32, 64), radius=24.0),
         train=TrainConfig(
-            iterations=600, flow_batch=256, pair_frames=2, pair_points=128,
-            refine_start=300, checkpoint_every=100, lr_decay_every=20,
+            iterations=400, flow_batch=256, pair_frames=2, pair_points=128,
+            refine_start=200, checkpoint_every=100, lr_decay_every=20,
         ),
     )
 

@@ -1,8 +1,8 @@
 """The terms of the training objective (METHOD.md, eq. 5), one function each.
 
 Positions enter in working pixels; the Huber terms compare them in normalised image
-coordinates (x / W and y / H scaled to [-1, 1], as in the reference), so the Huber
-``delta`` (1/32) means the same fraction of the image at every resolution.
+coordinates (x / (W - 1) and y / (H - 1) scaled to [-1, 1], as in the reference), so the
+Huber ``delta`` (1/32) means the same fraction of the image at every resolution.
 The weighted sum of the terms is formed by the trainer (:mod:`.trainer`).
 """
 
@@ -38,8 +38,9 @@ def huber_points(
         ``(N,)`` float32, the mean over x and y of each point's Huber loss.
     """
     h, w = image_hw
-    scale = pred.new_tensor([2.0 / w, 2.0 / h], dtype=torch.float32)
-    diff = (pred.float() - target.float()) * scale
+    diff = pred.float() - target.float()
+    diff = torch.stack([diff[:, 0] * (2.0 / max(w - 1, 1)), diff[:, 1] * (2.0 / max(h - 1, 1))],
+                       -1)
     return F.huber_loss(diff, torch.zeros_like(diff), delta=delta, reduction="none").mean(-1)
 
 

@@ -17,7 +17,7 @@ Query modes (which frames are scored for a query on frame ``k``):
 
 from __future__ import annotations
 
-from typing import Dict, Sequence, Tuple
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -35,8 +35,8 @@ __all__ = [
     "to_tapvid_resolution",
 ]
 
-TAPVID_SIZE: Tuple[int, int] = (256, 256)
-TAPVID_THRESHOLDS: Tuple[int, ...] = (1, 2, 4, 8, 16)
+TAPVID_SIZE: tuple[int, int] = (256, 256)
+TAPVID_THRESHOLDS: tuple[int, ...] = (1, 2, 4, 8, 16)
 QUERY_MODES = ("first", "strided")
 
 
@@ -47,7 +47,7 @@ def queries_from_tapvid(query_points: np.ndarray) -> np.ndarray:
 
 
 def to_tapvid_resolution(
-    xy: np.ndarray, src_hw: Tuple[int, int], dst_hw: Tuple[int, int] = TAPVID_SIZE
+    xy: np.ndarray, src_hw: tuple[int, int], dst_hw: tuple[int, int] = TAPVID_SIZE
 ) -> np.ndarray:
     """Rescale pixel positions ``(..., 2)`` (x, y) from a ``src_hw`` frame to 256 x 256."""
     return rescale_points(xy, src_hw, dst_hw)
@@ -84,7 +84,7 @@ def tapvid_metrics(
     pred_tracks: np.ndarray,
     query_mode: str = "strided",
     thresholds: Sequence[float] = TAPVID_THRESHOLDS,
-) -> Dict[str, float]:
+) -> dict[str, float]:
     """TAP-Vid metrics of one video, positions already in the scoring resolution (256 x 256).
 
     Args:
@@ -118,7 +118,7 @@ def tapvid_metrics(
     visible, pred_visible = ~gt_occ, ~pred_occ
     n_scored = int(evaluated.sum())
     n_visible = int((visible & evaluated).sum())
-    out: Dict[str, float] = {
+    out: dict[str, float] = {
         "oa": _ratio(((pred_occ == gt_occ) & evaluated).sum(), n_scored),
     }
     sq_dist = np.sum((pred - gt) ** 2, axis=-1)
@@ -145,9 +145,9 @@ def evaluate_tracks(
     gt_visible: np.ndarray,
     pred_tracks: np.ndarray,
     pred_visible: np.ndarray,
-    image_hw: Tuple[int, int],
+    image_hw: tuple[int, int],
     query_mode: str = "strided",
-) -> Dict[str, float]:
+) -> dict[str, float]:
     """TAP-Vid metrics for tracks given in the clip's pixels (rescaled to 256 x 256 here).
 
     Args:
@@ -180,7 +180,7 @@ def badja_metrics(
     fg_area: np.ndarray,
     seg_fraction: float = 0.2,
     px_threshold: float = 3.0,
-) -> Dict[str, float]:
+) -> dict[str, float]:
     """BADJA-style accuracy, in whatever pixels the inputs use (BADJA: the clip's own).
 
     Scored pairs: every ground-truth-visible (query, frame) except the query's own frame.
@@ -217,7 +217,7 @@ def sample_queries(
     gt_visible: np.ndarray,
     query_mode: str = "strided",
     stride: int = 5,
-) -> Tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray]:
     """Build TAP-Vid style queries from ground-truth tracks.
 
     ``first``: one query per track at its first visible frame. ``strided``: one query per

@@ -12,8 +12,8 @@ from __future__ import annotations
 import colorsys
 import contextlib
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Optional, Sequence, Union
 
 import cv2
 import numpy as np
@@ -46,8 +46,8 @@ def draw_tracks(
     t: int,
     *,
     trail: int = 8,
-    colors: Optional[np.ndarray] = None,
-    radius: Optional[float] = None,
+    colors: np.ndarray | None = None,
+    radius: float | None = None,
 ) -> np.ndarray:
     """Draw the tracks' positions at frame ``t`` (and their trails) on a copy of ``frame``.
 
@@ -100,14 +100,14 @@ def draw_tracks(
 
 
 def write_overlay_video(
-    path: Union[str, "os.PathLike[str]"],
+    path: str | os.PathLike[str],
     frames: Iterable[np.ndarray],
     tracks: np.ndarray,
     visible: np.ndarray,
     fps: float,
     *,
     trail: int = 8,
-    colors: Optional[np.ndarray] = None,
+    colors: np.ndarray | None = None,
 ) -> int:
     """Write an MP4 (``mp4v``) of ``frames`` with the tracks drawn; atomic, streams frames.
 
@@ -132,7 +132,7 @@ def write_overlay_video(
     count = 0
     with atomic_path(path) as tmp:
         video_tmp = tmp.with_name(tmp.name + ".mp4")  # OpenCV picks the container by suffix
-        writer: Optional[cv2.VideoWriter] = None
+        writer: cv2.VideoWriter | None = None
         try:
             for frame in frames:
                 if count >= tracks.shape[1]:
@@ -164,14 +164,14 @@ def write_overlay_video(
 
 
 def contact_sheet(
-    frames: Union[np.ndarray, Sequence[np.ndarray]],
+    frames: np.ndarray | Sequence[np.ndarray],
     tracks: np.ndarray,
     visible: np.ndarray,
     indices: Sequence[int],
     cols: int = 4,
     *,
     trail: int = 8,
-    colors: Optional[np.ndarray] = None,
+    colors: np.ndarray | None = None,
     label: bool = True,
 ) -> np.ndarray:
     """Tile frames ``indices`` with the tracks drawn into one image (rows of ``cols``).

@@ -5,8 +5,8 @@ One iteration draws ``flow_frames`` frames of the clip, computes their refined f
 memory does not depend on the clip length) and the weighted sum of
 
 * ``L_flow``: Huber loss of predictions against flow-chained positions (``flow_batch``
-  point pairs, ``flow_fg_fraction`` from the foreground at the source point, each pair
-  in one of its two directions),
+  directed links drawn from both directions of every flow link between the drawn
+  frames, ``flow_fg_fraction`` of them from the foreground at their source point),
 * ``L_dino-bb``: symmetric InfoNCE over the whole target grid for ``pair_frames`` frame
   pairs x ``pair_points`` stored DINO best buddies, ambiguity-weighted, sum / 2 norm,
 * from ``refine_start``: ``L_rfn-bb`` (best buddies of the refined features) and
@@ -56,6 +56,7 @@ from .storage import load_optional_json, save_torch_atomic, write_json_atomic
 __all__ = [
     "CHECKPOINT_VERSION",
     "STATES",
+    "TERMS",
     "TrainResult",
     "TrainStatus",
     "Trainer",
@@ -68,6 +69,7 @@ logger = logging.getLogger("dino_tracker.train")
 
 CHECKPOINT_VERSION = 1
 STATES = ("recorded", "training", "ready", "failed")
+#: names of the loss terms reported by :meth:`Trainer.step` (besides ``total``)
 TERMS = ("flow", "dino_bb", "rfn_bb", "rfn_cc", "prior_norm", "prior_angle")
 # progress ranges of train_clip's job: preprocessing, training, caching
 _PREP_END, _TRAIN_END = 0.2, 0.95
@@ -650,7 +652,7 @@ class Trainer:
 
         weights = {"flow": tc.w_flow, "dino_bb": tc.w_dino_bb, "rfn_bb": tc.w_rfn_bb,
                    "rfn_cc": tc.w_rfn_cc, "prior_norm": tc.w_prior, "prior_angle": tc.w_prior}
-        names = list(terms)
+        names = [k for k in TERMS if k in terms]
         total = sum((weights[k] * terms[k] for k in names), refined.new_zeros(()))
         if total.requires_grad:
             if self.scaler is not None:

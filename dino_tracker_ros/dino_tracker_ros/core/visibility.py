@@ -30,7 +30,7 @@ scores 0.88, at twice the threshold 0.018; a similarity 0.1 above ``occlusion_co
 
 from __future__ import annotations
 
-from typing import NamedTuple, Tuple
+from typing import NamedTuple
 
 import torch
 
@@ -68,7 +68,7 @@ class Visibility(NamedTuple):
 
 def select_anchors(
     cos: torch.Tensor, query_frames: torch.Tensor, anchor_cos: float, max_anchors: int
-) -> Tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Anchor frames per query: the query frame plus frames with ``cos >= anchor_cos``.
 
     When there are more candidates than ``max_anchors``, the query frame is kept and the

@@ -6,11 +6,19 @@ order that keeps rclpy from aborting at exit: stop the nodes' own worker threads
 executor callback stays blocked), ``executor.shutdown()``, ``destroy_node()``, then
 ``rclpy.try_shutdown()``. Ctrl-C (SIGINT) and SIGTERM end it cleanly with exit code 0; a
 bad startup parameter ends it with a one-line error and exit code 2.
+
+The signals are handled here rather than by rclpy (which would invalidate the context at
+once): the nodes are stopped while the context still works, so a running training job is
+cancelled at its next iteration (its checkpoint kept) and its action client still gets a
+final (aborted) result before the process exits.
 """
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
+import time
 from collections.abc import Callable, Sequence
 
 import rclpy
@@ -19,10 +27,14 @@ from rclpy.exceptions import InvalidParameterTypeException, InvalidParameterValu
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+from rclpy.signals import SignalHandlerOptions
 
 from ..core.errors import DinoTrackerError
 
 __all__ = ["CLIPS_QOS", "DEFAULT_NAMESPACE", "StoppableNode", "run_nodes"]
+
+_SPIN_PERIOD_S = 0.1  # longest delay between a signal and the start of the shutdown
+_FLUSH_S = 0.5  # spinning after the nodes stopped, to send their last messages
 
 #: Namespace of the nodes unless remapped (``--ros-args -r __ns:=/other``).
 DEFAULT_NAMESPACE = "/dino_tracker"
@@ -64,7 +76,11 @@ def run_nodes(
     Returns:
         Process exit code: 0 on a normal shutdown, 2 on a configuration error.
     """
-    rclpy.init(args=sys.argv if args is None else args)
+    rclpy.init(args=sys.argv if args is None else args,
+               signal_handler_options=SignalHandlerOptions.NO)
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set())
+                for sig in (signal.SIGINT, signal.SIGTERM)}
     nodes: list[Node] = []
     executor = MultiThreadedExecutor(num_threads=num_threads or max(4, 2 * len(factories)))
     code = 0
@@ -72,7 +88,8 @@ def run_nodes(
         for make in factories:
             nodes.append(make())
             executor.add_node(nodes[-1])
-        executor.spin()
+        while not stop.is_set() and rclpy.ok():
+            executor.spin_once(timeout_sec=_SPIN_PERIOD_S)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     except (DinoTrackerError, InvalidParameterValueException,
@@ -84,8 +101,22 @@ def run_nodes(
         for node in nodes:
             if isinstance(node, StoppableNode):
                 node.stop()
+        # deliver what stopping produced (final action results, state announcements)
+        deadline = time.monotonic() + _FLUSH_S
+        while rclpy.ok() and time.monotonic() < deadline:
+            executor.spin_once(timeout_sec=0.05)
+        for node in nodes:
+            executor.remove_node(node)
+        # Let dispatched callbacks finish first: Executor.shutdown() destroys the guard
+        # condition they trigger on completion before it waits for them.
+        pending = list(getattr(executor, "_futures", []))
+        deadline = time.monotonic() + 5.0
+        while any(not task.done() for task in pending) and time.monotonic() < deadline:
+            time.sleep(0.01)
         executor.shutdown()
         for node in nodes:
             node.destroy_node()
         rclpy.try_shutdown()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return code

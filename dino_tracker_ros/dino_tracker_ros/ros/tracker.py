@@ -29,6 +29,7 @@ import threading
 import time
 from collections import OrderedDict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from rcl_interfaces.msg import SetParametersResult
@@ -104,15 +105,12 @@ class TrackerNode(StoppableNode):
     Args:
         node_name: node name.
         namespace: node namespace (``--ros-args -r __ns:=...`` overrides it).
+        kwargs: passed to :class:`rclpy.node.Node` (e.g. ``context``).
     """
 
-    def __init__(self, node_name: str = "tracker", namespace: str = DEFAULT_NAMESPACE):
-        super().__init__(node_name, namespace=namespace)
-        self.params = NodeParams(self, TRACKER_PARAMS, CONFIG_SECTIONS)
-        cfg = self.params.config()
-        if cfg.backbone.random_init:
-            self.get_logger().warning(RANDOM_INIT_WARNING)
-        self._device = cfg.device
+    def __init__(self, node_name: str = "tracker", namespace: str = DEFAULT_NAMESPACE,
+                 **kwargs: Any) -> None:
+        # Set before the node exists: a failed construction still calls stop().
         self._cache: OrderedDict[str, tuple[int, Predictor]] = OrderedDict()
         self._cache_lock = threading.RLock()
         self._overlay_lock = threading.Lock()
@@ -120,6 +118,14 @@ class TrackerNode(StoppableNode):
         self._preload_queue: list[str] = []
         self._preload_wake = threading.Condition()
         self._stopping = False
+        self._preloader = threading.Thread(target=self._preload_loop, name="tracker-preload",
+                                           daemon=True)
+        super().__init__(node_name, namespace=namespace, **kwargs)
+        self.params = NodeParams(self, TRACKER_PARAMS, CONFIG_SECTIONS)
+        cfg = self.params.config()
+        if cfg.backbone.random_init:
+            self.get_logger().warning(RANDOM_INIT_WARNING)
+        self._device = cfg.device
         self.add_post_set_parameters_callback(self._on_params)
 
         self._traj_pub = self.create_publisher(TrajectoryArray, "trajectories", 10)
@@ -134,8 +140,6 @@ class TrackerNode(StoppableNode):
         if rate > 0:
             self.create_timer(1.0 / rate, self._overlay_tick,
                               callback_group=MutuallyExclusiveCallbackGroup())
-        self._preloader = threading.Thread(target=self._preload_loop, name="tracker-preload",
-                                           daemon=True)
         self._preloader.start()
         self.get_logger().info(f"ready: device {cfg.device}; clips in {self.params.clip_dir()}")
 
@@ -200,6 +204,12 @@ class TrackerNode(StoppableNode):
         t0 = time.monotonic()
         try:
             clip, result = self._track(request)
+            response.tracks = trajectory_array(clip, result.queries, result.tracks,
+                                               result.visible, result.visibility,
+                                               result.stamps_ns)
+            markers = track_markers(
+                result.tracks, result.visible, result.visibility, frame_id=clip.meta.frame_id,
+                image_size=clip.size, scale=float(self.params.value("marker_scale")))
         except DinoTrackerError as exc:
             response.success, response.message = False, str(exc)
             return response
@@ -207,18 +217,13 @@ class TrackerNode(StoppableNode):
             self.get_logger().error(f"query_tracks failed: {exc!r}")
             response.success, response.message = False, f"internal error: {exc!r}"
             return response
-        tracks = trajectory_array(clip, result.queries, result.tracks, result.visible,
-                                  result.visibility, result.stamps_ns)
-        response.tracks = tracks
-        response.success = True
         n, num_t = result.visible.shape
+        response.success = True
         response.message = (f"tracked {n} points through {num_t} frames of '{clip.clip_id}' in "
                             f"{time.monotonic() - t0:.2f} s; {int(result.visible.sum())} of "
                             f"{result.visible.size} positions visible")
-        self._traj_pub.publish(tracks)
-        self._markers_pub.publish(track_markers(
-            result.tracks, result.visible, result.visibility, frame_id=clip.meta.frame_id,
-            image_size=clip.size, scale=float(self.params.value("marker_scale"))))
+        self._traj_pub.publish(response.tracks)
+        self._markers_pub.publish(markers)
         with self._overlay_lock:
             self._overlay = (clip, result, 0)
         return response
@@ -251,7 +256,7 @@ class TrackerNode(StoppableNode):
         try:
             frame = draw_tracks(clip.frame(t), result.tracks, result.visible, t,
                                 trail=int(self.params.value("overlay_trail")))
-        except DinoTrackerError as exc:  # the clip vanished from disk meanwhile
+        except Exception as exc:  # e.g. the clip vanished from disk meanwhile
             self.get_logger().warning(f"overlay stopped: {exc}")
             with self._overlay_lock:
                 self._overlay = None

@@ -36,6 +36,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 from rclpy.action import ActionServer, CancelResponse, GoalResponse
 from rclpy.action.server import ServerGoalHandle
@@ -86,6 +87,8 @@ class _Job:
     token: CancelToken = field(default_factory=CancelToken)
     done: threading.Event = field(default_factory=threading.Event)
     started: bool = False
+    total: int = 0  # iterations the job trains to
+    iteration: int = 0  # latest training iteration reported
     progress: Progress | None = None
     outcome: str = ""  # succeeded | aborted | canceled
     result: TrainClip.Result = field(default_factory=TrainClip.Result)
@@ -105,21 +108,24 @@ class TrainerNode(StoppableNode):
     Args:
         node_name: node name.
         namespace: node namespace (``--ros-args -r __ns:=...`` overrides it).
+        kwargs: passed to :class:`rclpy.node.Node` (e.g. ``context``).
     """
 
-    def __init__(self, node_name: str = "trainer", namespace: str = DEFAULT_NAMESPACE):
-        super().__init__(node_name, namespace=namespace)
-        self.params = NodeParams(self, TRAINER_PARAMS, CONFIG_SECTIONS)
-        cfg = self.params.config()
-        self._random_init = cfg.backbone.random_init
-        if self._random_init:
-            self.get_logger().warning(RANDOM_INIT_WARNING)
+    def __init__(self, node_name: str = "trainer", namespace: str = DEFAULT_NAMESPACE,
+                 **kwargs: Any) -> None:
+        # Set before the node exists: a failed construction still calls stop().
         self._lock = threading.Condition()
         self._queue: deque[_Job] = deque()
         self._jobs: dict[bytes, _Job] = {}
         self._current: _Job | None = None
         self._stopping = False
         self._auto_seen: set = set()
+        self._worker = threading.Thread(target=self._work, name="trainer-worker", daemon=True)
+        super().__init__(node_name, namespace=namespace, **kwargs)
+        self.params = NodeParams(self, TRAINER_PARAMS, CONFIG_SECTIONS)
+        cfg = self.params.config()
+        if cfg.backbone.random_init:
+            self.get_logger().warning(RANDOM_INIT_WARNING)
 
         group = ReentrantCallbackGroup()
         self._action = ActionServer(
@@ -136,7 +142,6 @@ class TrainerNode(StoppableNode):
                                  callback_group=MutuallyExclusiveCallbackGroup())
         self.create_timer(float(self.params.value("feedback_period")), self._publish_feedback,
                           callback_group=group)
-        self._worker = threading.Thread(target=self._work, name="trainer-worker", daemon=True)
         self._worker.start()
         if self.params.value("auto_train"):
             self._resume_interrupted()
@@ -165,10 +170,14 @@ class TrainerNode(StoppableNode):
             return "the trainer is shutting down"
         try:
             open_clip(self.params.clip_dir(), job.clip_id)
+            cfg = self.params.config()
             if job.iterations is not None:
-                self.params.config().replace(**{"train.iterations": job.iterations})
+                cfg = cfg.replace(**{"train.iterations": job.iterations})
+            job.total = cfg.train.iterations
         except DinoTrackerError as exc:
             return str(exc)
+        except Exception as exc:  # a bug must not kill the node
+            return f"internal error: {exc!r}"
         busy = [j for j in [self._current, *self._queue] if j and j.clip_id == job.clip_id]
         if busy:
             return (f"clip '{job.clip_id}' is already queued or training; wait for that job "
@@ -211,19 +220,14 @@ class TrainerNode(StoppableNode):
         with self._lock:
             jobs = [j for j in [self._current, *self._queue] if j is not None and j.goal]
         for job in jobs:
-            fb = TrainClip.Feedback()
             p = job.progress
+            fb = TrainClip.Feedback(iteration=job.iteration, total_iterations=job.total)
             if not job.started:
                 fb.stage = "queued"
             elif p is None:
                 fb.stage = "starting"
             else:
-                fb.stage, fb.progress = p.stage, float(p.fraction)
-                if p.stage == "training":
-                    fb.iteration, fb.total_iterations = int(p.step), int(p.total)
-                fb.loss = float(p.loss)
-            if not fb.total_iterations:
-                fb.total_iterations = int(job.iterations or 0)
+                fb.stage, fb.progress, fb.loss = p.stage, float(p.fraction), float(p.loss)
             job.goal.publish_feedback(fb)
 
     # -- clips topic -------------------------------------------------------------------------
@@ -236,7 +240,7 @@ class TrainerNode(StoppableNode):
         try:
             clip = open_clip(self.params.clip_dir(), info.clip_id)
             state = train_status(clip).state
-        except DinoTrackerError as exc:
+        except Exception as exc:  # unknown here, unreadable state: skip, keep the node alive
             self.get_logger().warning(f"auto_train: cannot use announced clip: {exc}")
             return
         if state == "recorded":
@@ -244,7 +248,11 @@ class TrainerNode(StoppableNode):
 
     def _resume_interrupted(self) -> None:
         for clip in list_clips(self.params.clip_dir()):
-            status = train_status(clip)
+            try:
+                status = train_status(clip)
+            except Exception as exc:  # an unreadable train.json: leave that clip alone
+                self.get_logger().warning(f"auto_train: skipping '{clip.clip_id}': {exc}")
+                continue
             if status.state == "failed" and status.message.startswith("interrupted"):
                 self._auto_seen.add(clip.clip_id)
                 self._enqueue_auto(clip.clip_id, f"resuming ({status.message})")
@@ -285,7 +293,7 @@ class TrainerNode(StoppableNode):
         try:
             clip = open_clip(self.params.clip_dir(), job.clip_id)
             cfg: Config = self.params.config()
-            total = job.iterations or cfg.train.iterations
+            total = job.total = job.iterations or cfg.train.iterations
             self._announce(clip, ClipInfo.STATE_TRAINING,
                            f"training: {total} iterations, profile {cfg.profile}")
             if cfg.backbone.random_init:
@@ -294,8 +302,12 @@ class TrainerNode(StoppableNode):
             result = train_clip(clip, cfg, iterations=job.iterations,
                                 progress=self._progress_sink(job), cancel=job.token)
         except Cancelled as exc:
-            message = f"training of '{job.clip_id}' canceled: {exc}"
-            job.finish("canceled", message)
+            if self._stopping:
+                message = f"the trainer shut down: training of '{job.clip_id}' {exc}"
+                job.finish("aborted", message)
+            else:
+                message = f"training of '{job.clip_id}' canceled: {exc}"
+                job.finish("canceled", message)
             self._announce_status(clip, message)
             log.info(message)
             return
@@ -325,12 +337,19 @@ class TrainerNode(StoppableNode):
 
     def _progress_sink(self, job: _Job):
         def sink(progress: Progress) -> None:
+            if progress.stage == "training":
+                job.iteration, job.total = int(progress.step), int(progress.total)
             job.progress = progress
 
         return sink
 
     def _announce(self, clip: Clip, state: int, message: str) -> None:
-        self._clips_pub.publish(clip_info(clip, state, message))
+        try:
+            self._clips_pub.publish(clip_info(clip, state, message))
+        except Exception as exc:  # the context is gone when a signal stopped the process
+            if not self._stopping:
+                raise
+            self.get_logger().debug(f"state of '{clip.clip_id}' not announced: {exc}")
 
     def _announce_status(self, clip: Clip | None, message: str, failed: bool = False) -> None:
         """Publish the clip's stored state after a job ended early."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import pytest
 import torch
 import torch.nn.functional as F
 
@@ -23,29 +22,19 @@ HW = (100, 200)  # working H, W
 DELTA = 1.0 / 32.0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Small tensors: one intra-op thread. With 2 threads on a busy 2-core machine torch's
-    OpenMP barriers made these tests up to 60x slower (measured); restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_huber_is_measured_in_normalised_image_coordinates() -> None:
     target = torch.zeros(3, 2)
-    # x errors of 1 px, W/64 px (exactly delta) and 20 px; y exact
-    pred = torch.tensor([[1.0, 0.0], [200.0 / 64.0, 0.0], [20.0, 0.0]])
+    # x errors of 1 px, (W - 1) / 64 px (exactly delta) and 20 px; y exact
+    pred = torch.tensor([[1.0, 0.0], [199.0 / 64.0, 0.0], [20.0, 0.0]])
     got = huber_points(pred, target, HW, DELTA)
-    d = torch.tensor([2.0 / 200, DELTA, 40.0 / 200])
+    d = torch.tensor([2.0 / 199, DELTA, 40.0 / 199])
     quad = 0.5 * d.square()
     lin = DELTA * (d - 0.5 * DELTA)
     want = torch.where(d <= DELTA, quad, lin) / 2  # mean over (x, y), y error 0
     assert torch.allclose(got, want, rtol=1e-6)
-    # a y error is scaled by H, not W
+    # a y error is scaled by H - 1, not W - 1
     assert torch.allclose(huber_points(torch.tensor([[0.0, 1.0]]), torch.zeros(1, 2), HW, DELTA),
-                          torch.tensor([0.5 * (2.0 / 100) ** 2 / 2]))
+                          torch.tensor([0.5 * (2.0 / 99) ** 2 / 2]))
     assert float(flow_loss(pred, target, HW, DELTA)) == float(got.mean())
     assert float(flow_loss(pred[:0], target[:0], HW, DELTA)) == 0.0
 

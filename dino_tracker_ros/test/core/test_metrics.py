@@ -108,7 +108,7 @@ def test_modes_masks_and_query_sampling():
     assert np.allclose(q[0, 1:], gt[0, 2])
     q, idx = sample_queries(gt, vis, "strided", stride=5)
     # frames 0 and 5: track 0 visible only at 5, track 1 only at 0
-    assert sorted(zip(idx.tolist(), q[:, 0].tolist())) == [(0, 5.0), (1, 0.0)]
+    assert sorted(zip(idx.tolist(), q[:, 0].tolist(), strict=True)) == [(0, 5.0), (1, 0.0)]
     assert queries_from_tapvid(np.array([[3, 7, 9]])).tolist() == [[3, 9, 7]]
 
 

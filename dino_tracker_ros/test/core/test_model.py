@@ -23,16 +23,6 @@ GEOM = GridGeometry(112, 154, 7)  # token grid 15 x 21
 CFG = ModelConfig(delta_channels=(8, 16, 32), radius=20.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Small tensors: one intra-op thread. With 2 threads on a busy 2-core machine torch's
-    OpenMP barriers made these tests up to 60x slower (measured); restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _gaussian_logits(centre_xy: torch.Tensor, sigma_px: float) -> torch.Tensor:
     """Log of an isotropic Gaussian on the token centres: softmax gives the sampled Gaussian."""
     centres = torch.from_numpy(GEOM.token_centres())  # (h, w, 2)

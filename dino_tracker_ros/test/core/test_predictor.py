@@ -3,20 +3,44 @@ end-to-end comparison of a trained tracker with its baselines on a synthetic cli
 
 from __future__ import annotations
 
-import dataclasses
+import shutil
 import time
 
 import numpy as np
 import pytest
 import torch
 
+from dino_tracker_ros.core.backbone import to_input
+from dino_tracker_ros.core.baselines import evaluate_clip, format_tables
+from dino_tracker_ros.core.checkpoint import load_model, save_model
+from dino_tracker_ros.core.clip import Clip
 from dino_tracker_ros.core.config import PROFILES, ModelConfig, TrackConfig
-from dino_tracker_ros.core.errors import QueryError
+from dino_tracker_ros.core.errors import NotTrainedError, QueryError
 from dino_tracker_ros.core.geometry import GridGeometry
 from dino_tracker_ros.core.model import DinoTrackerModel
-from dino_tracker_ros.core.predictor import Predictor, grid_queries, locate_windowed
+from dino_tracker_ros.core.predictor import (
+    Predictor,
+    cache_is_fresh,
+    grid_queries,
+    locate_windowed,
+)
+from dino_tracker_ros.core.preprocess import Workspace
+from dino_tracker_ros.core.storage import open_array, read_json
+from dino_tracker_ros.core.synthetic import make_synthetic_clip
+from dino_tracker_ros.core.trainer import train_clip
 
 STRIDE = 7
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: on a loaded 2-core machine OpenMP's spinning threads made these
+    tests ~5x slower (training 100 iterations: 18 s with one thread, 85 s with two)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 GEO = GridGeometry(14 + STRIDE * 11, 14 + STRIDE * 15, STRIDE)  # 91 x 119 px, 12 x 16 tokens
 
 
@@ -146,3 +170,107 @@ def test_query_validation_and_grid():
     assert grid_queries((10, 10), 50).tolist() == [[0.0, 4.5, 4.5]]
     with pytest.raises(QueryError):
         grid_queries((10, 10), 0)
+
+
+# -- a trained clip ------------------------------------------------------------------------
+# tiny profile at stride 7 on a 96 x 128 clip of 16 frames, random-init backbone
+E2E_CFG = PROFILES["tiny"].replace(**{
+    "backbone.random_init": True, "device": "cpu", "backbone.stride": 7,
+    "preprocess.height": 128,
+})
+E2E_ITERATIONS = 250
+
+
+@pytest.fixture(scope="module")
+def trained_clip(tmp_path_factory) -> Clip:
+    root = tmp_path_factory.mktemp("e2e")
+    clip, _ = make_synthetic_clip(root, num_frames=16, height=96, width=128, seed=1)
+    t0 = time.monotonic()
+    train_clip(clip, E2E_CFG, iterations=E2E_ITERATIONS)
+    print(f"\npreprocessing + {E2E_ITERATIONS} iterations + cache: "
+          f"{time.monotonic() - t0:.1f} s")
+    return clip
+
+
+def test_refined_cache_matches_the_model_and_is_rebuilt_when_stale(trained_clip, tmp_path):
+    clip = Clip.open(shutil.copytree(trained_clip.path, tmp_path / trained_clip.clip_id))
+    assert cache_is_fresh(clip)
+    cache = clip.cache_dir / "refined.npy"
+    feats = open_array(cache)
+    model, cfg, meta = load_model(clip.model_dir / "model.pt")
+    ws = Workspace(clip, cfg)
+    assert feats.dtype == np.float16 and feats.shape[0] == len(clip)
+    assert tuple(feats.shape[2:]) == ws.geometry.grid_hw
+    with torch.no_grad():
+        ref = model.refine(to_input(np.array(ws.frames()[3:5])),
+                           torch.from_numpy(np.array(ws.features()[3:5])))
+    assert np.allclose(feats[3:5], ref.numpy(), atol=2e-2, rtol=1e-2)
+    stamp = cache.stat().st_mtime_ns
+    Predictor.open(clip, device="cpu")  # fresh: not rebuilt
+    assert cache.stat().st_mtime_ns == stamp
+    with torch.no_grad():  # a different model file: the cache is stale and rebuilt on open
+        for p in model.delta.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    save_model(clip.model_dir / "model.pt", model, cfg, image_size=meta["image_size"],
+               orig_size=meta["orig_size"])
+    assert not cache_is_fresh(clip)
+    Predictor.open(clip, device="cpu")
+    assert cache_is_fresh(clip) and cache.stat().st_mtime_ns != stamp
+    with torch.no_grad():
+        ref = model.refine(to_input(np.array(ws.frames()[3:5])),
+                           torch.from_numpy(np.array(ws.features()[3:5])))
+    assert np.allclose(open_array(cache)[3:5], ref.numpy(), atol=2e-2, rtol=1e-2)
+    rec = read_json(clip.cache_dir / "refined.json")
+    assert rec["shape"] == list(feats.shape) and len(rec["model_sha256"]) == 64
+    (clip.model_dir / "model.pt").unlink()
+    with pytest.raises(NotTrainedError):
+        Predictor.open(clip, device="cpu")
+
+
+def test_middle_frame_queries_agree_forward_and_backward(trained_clip):
+    pred = Predictor.open(trained_clip, device="cpu")
+    k = 8
+    first = pred.track(grid_queries(trained_clip.size, 16, frame=0))
+    keep = first.visible[:, k]
+    again = pred.track(np.concatenate(
+        [np.full((int(keep.sum()), 1), float(k)), first.tracks[keep, k]], 1))
+    both = first.visible[keep] & again.visible
+    gap = np.linalg.norm(first.tracks[keep] - again.tracks, axis=-1)
+    before, after = both[:, :k], both[:, k + 1:]
+    token = 7 * trained_clip.size[0] / Workspace(trained_clip, E2E_CFG).size[0]
+    print(f"{int(keep.sum())} points re-queried on frame {k}: median gap "
+          f"{np.median(gap[both]):.2f} px (backward half {np.median(gap[:, :k][before]):.2f}, "
+          "forward half "
+          f"{np.median(gap[:, k + 1:][after]):.2f}); within 3 px: {np.mean(gap[both] < 3):.2f}, "
+          f"within one token ({token:.1f} px): {np.mean(gap[both] < token):.2f}")
+    # observed (seeds 1-3, 250 iterations): medians 0.8 px, 0.95-0.98 within one token
+    assert keep.sum() >= 20 and both.mean() > 0.7
+    assert np.median(gap[:, :k][before]) < 2.0 and np.median(gap[:, k + 1:][after]) < 2.0
+    assert np.mean(gap[both] < token) > 0.85
+
+
+@pytest.fixture(scope="module")
+def evaluation(trained_clip) -> dict:
+    res = evaluate_clip(trained_clip, device="cpu", query_mode="first")
+    print("\n" + format_tables(res))
+    return res
+
+
+def test_end_to_end_tracker_beats_the_untrained_features(evaluation):
+    aj = {m: evaluation["methods"][m]["all"]["aj"] for m in evaluation["methods"]}
+    aj_re = {m: evaluation["methods"][m]["reappearing"]["aj"] for m in evaluation["methods"]}
+    # observed (clip seeds 1-3, 250 iterations): AJ 29-38 vs 8-9; reappearing 9-18 vs 8-12
+    assert evaluation["num_reappearing"] >= 8
+    assert aj["tracker"] > aj["untrained"] + 0.15
+    assert aj_re["tracker"] > aj_re["untrained"]
+    assert evaluation["methods"]["tracker"]["all"]["oa"] > 0.75
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "not reachable with a randomly initialised backbone: on this clip the trained tracker's "
+    "predictions follow the occluding bar and do not re-find the points after it "
+    "(reappearing AJ 18 vs 27 here; clip seeds 2, 3: 16 vs 23, 9 vs 16; 17 vs 27 after "
+    "1,000 iterations; 26 vs 28 at 256x192 with the cpu profile, 400 iterations, ~13 min)"))
+def test_end_to_end_tracker_beats_chained_dis_on_reappearing_points(evaluation):
+    aj_re = {m: evaluation["methods"][m]["reappearing"]["aj"] for m in evaluation["methods"]}
+    assert aj_re["tracker"] > aj_re["dis"]

@@ -6,7 +6,6 @@ import time
 
 import numpy as np
 import pytest
-import torch
 
 from dino_tracker_ros.core.config import PROFILES
 from dino_tracker_ros.core.errors import Cancelled
@@ -23,16 +22,6 @@ OUTPUTS = {
     "masks": "masks.npy",
     "best_buddies": "best_buddies.npy",
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Small tensors: one intra-op thread. With 2 threads on a busy 2-core machine torch's
-    OpenMP barriers made these tests up to 60x slower (measured); restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _stamps(ws: Workspace) -> dict[str, tuple[float, int]]:

@@ -25,16 +25,6 @@ from dino_tracker_ros.core.trainer import Trainer, train_clip, train_status, tra
 CFG = PROFILES["tiny"].replace(**{"backbone.random_init": True, "device": "cpu"})
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Small tensors: one intra-op thread. With 2 threads on a busy 2-core machine torch's
-    OpenMP barriers made these tests up to 60x slower (measured); restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def prepared_clip(tmp_path_factory) -> Clip:
     root = tmp_path_factory.mktemp("train")

@@ -37,7 +37,9 @@ class NodeProcess:
 
     def __init__(self, args: list[str], log_path: Path, cwd: Path) -> None:
         self.log_path = log_path
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        path = os.pathsep.join(p for p in (str(PACKAGE_DIR), os.environ.get("PYTHONPATH"))
+                               if p)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path}  # this source tree
         with open(log_path, "wb") as log:
             self.proc = subprocess.Popen([sys.executable, *args], cwd=cwd, env=env,
                                          stdin=subprocess.DEVNULL, stdout=log,
@@ -131,12 +133,16 @@ def ros_context() -> Iterator[Context]:
 
 @pytest.fixture(scope="module")
 def node_process(tmp_path_factory) -> Iterator[Callable[..., NodeProcess]]:
-    """Factory ``node_process(module, *ros_args)`` -> a running node process (module scope)."""
+    """Factory ``node_process(module, *args)`` -> a running Python process (module scope).
+
+    ``module`` is run with ``python -m``; pass ``"-c"`` and the code instead to run code.
+    """
     procs: list[NodeProcess] = []
     base = tmp_path_factory.mktemp("nodes")
 
     def start(module: str, *args: str) -> NodeProcess:
-        proc = NodeProcess(["-m", module, *args], base / f"{len(procs)}.log", base)
+        argv = [module, *args] if module.startswith("-") else ["-m", module, *args]
+        proc = NodeProcess(argv, base / f"{len(procs)}.log", base)
         procs.append(proc)
         return proc
 
@@ -145,7 +151,7 @@ def node_process(tmp_path_factory) -> Iterator[Callable[..., NodeProcess]]:
         proc.stop()
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def wait() -> Callable[[Callable[[], bool], float, str], None]:
     """``wait(predicate, timeout, what)``: poll until true or fail."""
     return wait_until
