@@ -52,6 +52,9 @@ fi
 # Discovery stays on this host unless the user set a range (ROS_LOCALHOST_ONLY is ignored
 # by Kilted).
 export ROS_AUTOMATIC_DISCOVERY_RANGE="${ROS_AUTOMATIC_DISCOVERY_RANGE:-LOCALHOST}"
+# OpenMP threads wait passively (spinning threads are pathological on a shared CPU; see
+# dino_tracker_ros/__init__.py for the measurement).
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 
 # `dino-tracker` (tools/setup.sh links it into the venv's bin, which is on PATH now).
 hash -r 2>/dev/null || true

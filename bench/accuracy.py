@@ -14,7 +14,7 @@ between methods on the same queries is the point.
 
 Usage (from the repository root, project environment active)::
 
-    python bench/accuracy.py            # 3 clips, 24 frames, 600 iterations (cpu profile)
+    python bench/accuracy.py            # 3 clips, 24 frames, the profile's iterations
     python bench/accuracy.py --quick    # 2 clips, 16 frames, 150 iterations
 
 Writes ``bench/results/accuracy.md``, ``bench/results/accuracy.png`` and a contact sheet

@@ -4,7 +4,8 @@ Frames are ``(H, W, 3) uint8`` RGB; positions are (x, y) pixels of that frame wi
 convention (centre of the top-left pixel at (0, 0)). Drawing uses OpenCV with a sub-pixel
 ``shift`` so that tracks do not jitter by rounding. Visible points are filled discs,
 occluded points hollow circles with a cross; each track has its own colour and a trail of
-its last few positions (solid where both ends are visible, thin where either is occluded).
+its last few positions (segments between visible positions only: occluded positions are
+guesses and would streak across the image).
 """
 
 from __future__ import annotations
@@ -79,11 +80,9 @@ def draw_tracks(
     for i in range(n):
         col = tuple(int(c) for c in colors[i])
         for s in range(start, t):
-            if not (finite[i, s] and finite[i, s + 1]):
-                continue
-            both = visible[i, s] and visible[i, s + 1]
-            cv2.line(img, _fixed(tracks[i, s]), _fixed(tracks[i, s + 1]), col,
-                     thick if both else 1, cv2.LINE_AA, _SHIFT)
+            if finite[i, s] and finite[i, s + 1] and visible[i, s] and visible[i, s + 1]:
+                cv2.line(img, _fixed(tracks[i, s]), _fixed(tracks[i, s + 1]), col, thick,
+                         cv2.LINE_AA, _SHIFT)
         if not finite[i, t]:
             continue
         centre = _fixed(tracks[i, t])

@@ -36,6 +36,8 @@ def test_visible_filled_occluded_hollow_and_trails():
     assert img[40, 95, 1] > 100
     # trail of track 0 passes through (15, 20) between frames 0 and 1
     assert img[20, 15, 0] > 150 and img[20, 15, 1] < 60
+    # track 1: trail between its visible frames 0 and 1, none into its occluded frame 2
+    assert img[25, 90, 1] > 150 and tuple(img[32, 90]) == (40, 40, 40)
     # no trail drawn for trail=0
     bare = draw_tracks(frame, tracks, visible, 2, trail=0, colors=colors, radius=5)
     assert tuple(bare[20, 15]) == (40, 40, 40)
