@@ -24,14 +24,13 @@ of the first clip's tracks, ``bench/results/accuracy_tracks.png``.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from machine import describe_machine
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -41,22 +40,6 @@ METHODS = ("tracker", "untrained", "dis")
 LABELS = {"tracker": "trained tracker", "untrained": "untrained features",
           "dis": "chained DIS flow"}
 KEYS = ("aj", "delta_avg", "oa")
-
-
-def _machine() -> str:
-    import torch
-
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{platform.node()}: {cpu}, {os.cpu_count()} cores, torch {torch.__version__} "
-            f"({torch.get_num_threads()} threads), Python {platform.python_version()}, "
-            f"load average at start {os.getloadavg()[0]:.1f}")
 
 
 def _fmt(m: dict, key: str) -> str:
@@ -139,7 +122,7 @@ def main() -> None:
     cfg = load_config(profile=args.profile, device="cpu",
                       overrides={"backbone.random_init": True})
     iters = args.iterations or (150 if args.quick else cfg.train.iterations)
-    machine = _machine()
+    machine = describe_machine()
     torch.manual_seed(0)
     t_start = time.monotonic()
     results, train_s = [], []

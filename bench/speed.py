@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from machine import describe_machine
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -134,22 +134,6 @@ def _run_worker(spec: dict) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _machine() -> str:
-    import torch
-
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{platform.node()}: {cpu}, {os.cpu_count()} cores, torch {torch.__version__} "
-            f"({torch.get_num_threads()} threads), Python {platform.python_version()}, "
-            f"load average at start {os.getloadavg()[0]:.1f}")
-
-
 def _table(rows: list[dict]) -> list[str]:
     cols = ["frames", "working HxW", "grid"] + [f"{s} s" for s in STAGES] + [
         "it/s", "track 100 s", "track 1000 s"]
@@ -239,7 +223,7 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-    machine = _machine()
+    machine = describe_machine()
     clip_h, clip_w = 240, 320
 
     def spec(t: int, h: int) -> dict:
