@@ -32,6 +32,17 @@ __all__ = [
 PathLike = Union[str, "os.PathLike[str]"]
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp/mkdtemp create private (0600/0700) files; published files get the usual modes.
+_FILE_MODE = 0o666 & ~_umask()
+_DIR_MODE = 0o777 & ~_umask()
+
+
 def _fsync_dir(path: Path) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
@@ -56,6 +67,7 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp_path, _FILE_MODE)
         os.replace(tmp_path, path)
         _fsync_dir(path.parent)
     except BaseException:
@@ -83,6 +95,7 @@ def atomic_dir(path: PathLike, overwrite: bool = False) -> Iterator[Path]:
     try:
         yield tmp
         _fsync_dir(tmp)
+        os.chmod(tmp, _DIR_MODE)
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             os.replace(path, old)
@@ -130,6 +143,7 @@ class _ArrayWriter:
         del self.array
         with open(self.tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(self.tmp, _FILE_MODE)
         os.replace(self.tmp, self.path)
         _fsync_dir(self.path.parent)
 

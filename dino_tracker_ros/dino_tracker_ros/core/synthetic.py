@@ -126,7 +126,7 @@ class GroundTruth:
                     data["tracks"], data["occluded"], data["queries"],
                     data["layers"] if "layers" in data.files else None,
                 )
-        except (OSError, KeyError, ValueError) as exc:
+        except (OSError, KeyError, ValueError, EOFError) as exc:
             raise ClipError(f"cannot read ground truth {path}: {exc}") from None
 
 
