@@ -52,7 +52,8 @@ docs: setup
 
 BENCH_ARGS ?=
 bench: setup
-	@$(ENV) python bench/accuracy.py $(BENCH_ARGS) && python bench/speed.py $(BENCH_ARGS)
+	@$(ENV) python bench/accuracy.py $(BENCH_ARGS) && python bench/speed.py $(BENCH_ARGS) \
+		&& python bench/ros_service.py
 
 clean:
 	rm -rf "$(ROOT)/build" "$(ROOT)/install" "$(ROOT)/log"
