@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -118,18 +116,6 @@ def test_ambiguity_ratio_equals_full_batched_nms(k, box, iou):
     assert 0.05 < float(ref.mean()) < 0.99  # the case is not trivial
 
 
-def _tracks(path, starts, tracks, num_frames):
-    lengths = np.array([len(t) for t in tracks], np.int32)
-    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-    np.save(path / "flow_starts.npy", np.array(starts, np.int32))
-    np.save(path / "flow_lengths.npy", lengths)
-    np.save(path / "flow_offsets.npy", offsets)
-    np.save(path / "flow_points.npy", np.concatenate(tracks).astype(np.float32))
-    meta = {"num_frames": num_frames, "height": GEO.height, "width": GEO.width}
-    (path / "flow_meta.json").write_text(json.dumps(meta))
-    return FlowTracks.load(path)
-
-
 def _clip_features(num=4, c=32, seed=0):
     """Frames whose features are one random field shifted by one token per frame."""
     h, w = GEO.grid_hw
@@ -140,12 +126,13 @@ def _clip_features(num=4, c=32, seed=0):
     )
 
 
-def test_compute_best_buddies_drops_flow_linked_pairs(tmp_path):
+def test_compute_best_buddies_drops_flow_linked_pairs(tmp_path, write_flow_tracks):
     feats = _clip_features()
     # flow tracks on every token centre of frame 0, alive in frames 0-1 only
     centres = GEO.token_centres().reshape(-1, 2)
     tracks = [np.stack([p, p - 7.0]) for p in centres]  # content moves one token up-left
-    ft = _tracks(tmp_path, [0] * len(tracks), tracks, 4)
+    write_flow_tracks(tmp_path, [0] * len(tracks), tracks, 4, (GEO.height, GEO.width))
+    ft = FlowTracks.load(tmp_path)
     cfg = BestBuddyConfig(pairs_per_frame=10)
     reports = []
     rows = compute_best_buddies(feats, GEO, ft, cfg, tmp_path / "bb.npy", progress=reports.append)

@@ -240,24 +240,13 @@ def test_tracks_with_exact_flow_round_trip_and_queries(tmp_path):
     np.testing.assert_array_equal(xs_r, xs)
 
 
-def _write_tracks(path, starts, tracks, num_frames, hw=(20, 20)):
-    lengths = np.array([len(t) for t in tracks], np.int32)
-    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-    np.save(path / "flow_starts.npy", np.array(starts, np.int32))
-    np.save(path / "flow_lengths.npy", lengths)
-    np.save(path / "flow_offsets.npy", offsets)
-    np.save(path / "flow_points.npy", np.concatenate(tracks).astype(np.float32))
-    (path / "flow_meta.json").write_text(json.dumps(
-        {"num_frames": num_frames, "height": hw[0], "width": hw[1]}))
-
-
-def test_hand_built_tracks_pairs_alive_linked(tmp_path):
+def test_hand_built_tracks_pairs_alive_linked(tmp_path, write_flow_tracks):
     # track 0: frames 0-2 at x = 2, 3, 4; track 1: frames 1-4 at y = 10..13; track 2: 3-4
-    _write_tracks(tmp_path, [0, 1, 3], [
+    write_flow_tracks(tmp_path, [0, 1, 3], [
         np.array([[2, 2], [3, 2], [4, 2]]),
         np.array([[10, 10], [10, 11], [10, 12], [10, 13]]),
         np.array([[15, 5], [16, 5]]),
-    ], num_frames=5)
+    ], num_frames=5, hw=(20, 20))
     ft = FlowTracks.load(tmp_path)
     assert ft.num_tracks == 3 and ft.num_frames == 5
     ids, xy = ft.alive(2)
