@@ -53,7 +53,7 @@ docs: setup
 BENCH_ARGS ?=
 bench: setup
 	@$(ENV) python bench/accuracy.py $(BENCH_ARGS) && python bench/speed.py $(BENCH_ARGS) \
-		&& python bench/ros_service.py
+		&& python bench/ros_service.py && python bench/live.py
 
 clean:
 	rm -rf "$(ROOT)/build" "$(ROOT)/install" "$(ROOT)/log"

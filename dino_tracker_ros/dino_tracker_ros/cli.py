@@ -1,6 +1,8 @@
 """``dino-tracker``: the offline command line over the core library (no ROS needed).
 
-User errors print one line on stderr and exit with status 2; Ctrl-C exits with 130.
+User errors print one line on stderr and exit with status 2; disk and other OS errors (full
+disk, read-only clip directory, no permission) print one line and exit with status 1;
+Ctrl-C exits with 130.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .core.config import Config, iter_fields, load_config
-from .core.errors import DinoTrackerError
+from .core.errors import ConfigError, DinoTrackerError, StorageError
 from .core.export import read_queries, write_tracks
 from .core.progress import Progress
 
@@ -91,6 +93,13 @@ def _open_clip(path: Path):
 def cmd_synth(args: argparse.Namespace) -> int:
     from .core.synthetic import make_synthetic_clip
 
+    # make_synthetic_clip raises ValueError/RuntimeError on these: one clear line instead
+    for name, value, lo, hi in (("--frames", args.frames, 1, 10_000),
+                                ("--height", args.height, 64, 4096),
+                                ("--width", args.width, 64, 4096),
+                                ("--points", args.points, 1, 100_000)):
+        if not lo <= value <= hi:
+            raise ConfigError(f"{name} must be in [{lo}, {hi}], got {value}")
     clip, gt = make_synthetic_clip(
         args.clip_dir, args.clip_id, num_frames=args.frames, height=args.height,
         width=args.width, seed=args.seed, num_points=args.points, occluder=not args.no_occluder,
@@ -172,6 +181,82 @@ def cmd_track(args: argparse.Namespace) -> int:
                             fps=clip.meta.fps)
     vis = float(result.visible.mean()) if result.visible.size else 0.0
     print(f"tracked {len(queries)} points over {len(clip)} frames ({vis:.0%} visible): "
+          + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def _video_frames(path: Path):
+    """Yield the RGB frames of a video file one at a time (OpenCV decoding)."""
+    import cv2
+
+    from .core.errors import ClipError
+
+    cap = cv2.VideoCapture(str(path))
+    if not cap.isOpened():
+        raise ClipError(f"cannot open video {path}; give a file OpenCV can read")
+    try:
+        while True:
+            ok, bgr = cap.read()
+            if not ok:
+                return
+            yield cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    finally:
+        cap.release()
+
+
+def cmd_live(args: argparse.Namespace) -> int:
+    import cv2
+    from tqdm import tqdm
+
+    from .core.errors import ClipError
+    from .core.live import LivePredictor
+    from .core.predictor import TrackResult, grid_queries
+    from .core.render import write_overlay_video
+
+    clip = _open_clip(args.clip)
+    cfg = _config(args)
+    video = Path(args.video)
+    if not video.is_file():
+        raise ClipError(f"video {video} not found; give a video file")
+    cap = cv2.VideoCapture(str(video))
+    fps = float(cap.get(cv2.CAP_PROP_FPS) or 0.0)
+    total = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0) or None
+    cap.release()
+    fps = fps if fps > 0 else 30.0
+    if args.queries is not None:
+        queries = read_queries(args.queries)
+    else:
+        queries = grid_queries(clip.size, args.grid, args.grid_frame)
+    live = LivePredictor.open(clip, queries, device=cfg.device, track_cfg=cfg.track)
+    positions, visible, score, stamps = [], [], [], []
+    bar = tqdm(total=total, desc="live", unit="frame", dynamic_ncols=True, file=sys.stderr,
+               disable=args.quiet)
+    try:
+        for i, frame in enumerate(_video_frames(video)):
+            res = live.step(frame, stamp_ns=int(round(i * 1e9 / fps)))
+            positions.append(res.positions)
+            visible.append(res.visible)
+            score.append(res.visibility)
+            stamps.append(res.stamp_ns)
+            bar.update(1)
+            bar.set_postfix(fps=f"{1.0 / max(res.seconds, 1e-9):.1f}", refresh=False)
+    finally:
+        bar.close()
+    if not stamps:
+        raise ClipError(f"video {video} holds no readable frames")
+    n = live.num_queries
+    result = TrackResult(np.stack(positions, 1).reshape(n, -1, 2),
+                         np.stack(visible, 1).reshape(n, -1),
+                         np.stack(score, 1).reshape(n, -1), live.queries,
+                         np.asarray(stamps, dtype=np.int64))
+    out = Path(args.out) if args.out else video.with_name(video.stem + "_live")
+    paths = write_tracks(out, result, clip.clip_id)
+    if not args.no_video:
+        paths["video"] = out / "overlay.mp4"
+        write_overlay_video(paths["video"], _video_frames(video), result.tracks,
+                            result.visible, fps=fps)
+    print(f"tracked {n} points of {clip.clip_id} live over {len(stamps)} frames of {video} "
+          f"({float(result.visible.mean()) if result.visible.size else 0.0:.0%} visible): "
           + ", ".join(str(p) for p in paths.values()))
     return 0
 
@@ -312,6 +397,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="output folder (default: <clip>/tracks)")
     p.add_argument("--no-video", action="store_true", help="skip the overlay MP4")
 
+    p = add("live", cmd_live, "track a trained clip's query points through a video file, frame "
+            "by frame, as live tracking does on a camera", config=True)
+    p.add_argument("clip", type=Path, help="trained clip directory (its model and queries)")
+    p.add_argument("video", type=Path, help="video file (any OpenCV format)")
+    q = p.add_mutually_exclusive_group(required=True)
+    q.add_argument("--queries", type=Path, help="CSV (t,x,y) or JSON file of query points on "
+                   "the clip's frames")
+    q.add_argument("--grid", type=int, metavar="STEP", help="query a grid every STEP pixels")
+    p.add_argument("--grid-frame", type=int, default=0, help="clip frame of the grid queries")
+    p.add_argument("--out", type=Path, help="output folder (default: <video>_live beside it)")
+    p.add_argument("--no-video", action="store_true", help="skip the overlay MP4")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
     p = add("eval", cmd_eval, "score a trained clip with ground truth against baselines",
             config=True)
     p.add_argument("clip", type=Path, help="clip directory with ground_truth.npz")
@@ -337,6 +435,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
+    except (StorageError, OSError) as exc:
+        from .core.storage import disk_error, is_disk_error
+
+        line = str(exc) if isinstance(exc, StorageError) else (
+            str(disk_error(exc.filename or "?", exc)) if is_disk_error(exc) else
+            f"{exc.filename or 'a file'}: {exc.strerror or exc}; check the path and the disk")
+        print(f"dino-tracker: error: {(line.splitlines() or ['OS error'])[0]}", file=sys.stderr)
+        return 1
     except DinoTrackerError as exc:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"dino-tracker: error: {message}", file=sys.stderr)

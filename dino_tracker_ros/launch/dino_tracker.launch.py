@@ -5,7 +5,7 @@
 
 Arguments:
     namespace: namespace of the three nodes (default ``dino_tracker``).
-    image_topic: the camera topic the recorder subscribes to.
+    image_topic: the camera topic (the recorder's, and the tracker's for live tracking).
     device: torch device of trainer and tracker (auto, cpu, cuda, cuda:N).
     params_file: the parameters file (default: the package's config/dino_tracker.yaml).
     use_composed: ``true`` runs the three nodes in one process (the ``nodes`` executable,
@@ -58,7 +58,8 @@ def generate_launch_description() -> LaunchDescription:
         Node(package=PACKAGE, executable="trainer", name="trainer",
              parameters=[params_file, {"device": device}], condition=separate, **common),
         Node(package=PACKAGE, executable="tracker", name="tracker",
-             parameters=[params_file, {"device": device}], condition=separate, **common),
+             parameters=[params_file, {"image_topic": image_topic, "device": device}],
+             condition=separate, **common),
         # One process, three nodes: no `name` (it would rename all three); its parameters
         # apply to all of them (a node ignores those it does not declare).
         Node(package=PACKAGE, executable="nodes",

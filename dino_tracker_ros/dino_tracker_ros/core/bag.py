@@ -26,7 +26,7 @@ import cv2
 import numpy as np
 
 from .clip import Clip, ClipWriter, default_clip_id, validate_clip_id
-from .errors import ClipError
+from .errors import ClipError, DinoTrackerError
 
 __all__ = [
     "IMAGE_TYPES",
@@ -240,8 +240,13 @@ def clip_from_bag(
                     if i in wanted:
                         writer.add(_decode(kind, reader.deserialize(raw, conn.msgtype)), stamps[i])
                 return writer.commit()
-    except (AnyReaderError, ReaderError) as exc:
-        raise ClipError(f"cannot read bag {bag_path}: {exc}") from None
+    except DinoTrackerError:  # ours, already one line (bad topic, disk full, ...)
+        raise
+    except Exception as exc:  # noqa: BLE001 - any parser failure on a truncated/foreign file
+        kind = "" if isinstance(exc, (AnyReaderError, ReaderError)) else f"{type(exc).__name__}: "
+        reason = (str(exc).splitlines() or [""])[0]
+        raise ClipError(f"cannot read bag {bag_path}: {kind}{reason}; is it a complete "
+                        "rosbag2 (MCAP or sqlite3) or ROS 1 bag?") from None
 
 
 def _rate(stamps: list) -> float:

@@ -26,10 +26,14 @@ import cv2
 import numpy as np
 
 from .errors import ClipError, QueryError
-from .storage import atomic_dir, read_json, write_json_atomic
+from .storage import atomic_dir, disk_error, read_json, sweep_temps, write_json_atomic
 
 __all__ = [
     "CLIP_FORMAT",
+    "MAX_FPS",
+    "MAX_FRAMES",
+    "MAX_SIZE",
+    "MAX_STAMP_NS",
     "Clip",
     "ClipMeta",
     "ClipWriter",
@@ -40,6 +44,7 @@ __all__ = [
     "list_clips",
     "open_clip",
     "resolve_clip_path",
+    "sweep_clip_dir",
     "validate_clip_id",
     "write_clip",
 ]
@@ -53,6 +58,13 @@ _CLIP_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _CLIP_ID_RULE = (
     "1-128 characters from A-Z a-z 0-9 _ . -, starting with a letter or digit, without '..'"
 )
+
+#: Bounds of clip.json values: what the ROS messages (uint32 sizes, float32 fps, int32
+#: seconds in stamps) and the pipeline can carry.
+MAX_SIZE = 65535
+MAX_FRAMES = 1_000_000
+MAX_FPS = 100_000.0
+MAX_STAMP_NS = 2**31 * 1_000_000_000 - 1
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -80,6 +92,10 @@ def default_clip_id(stamp_ns: int | None = None) -> str:
 
 def resolve_clip_path(root: PathLike, clip_id: str) -> Path:
     """The directory of clip ``clip_id`` under ``root``; never outside ``root``.
+
+    The one place where a clip id becomes a path: every surface (services, action, CLI,
+    bag and video import, the recorder) goes through it (via :func:`open_clip` or
+    :class:`ClipWriter`).
 
     Raises:
         ClipError: invalid id, or an existing entry that resolves outside ``root``.
@@ -134,23 +150,27 @@ class ClipMeta:
         if self.format != CLIP_FORMAT:
             raise ClipError(f"unsupported clip format {self.format!r}; expected {CLIP_FORMAT}")
         validate_clip_id(self.clip_id)
-        for name in ("num_frames", "width", "height"):
+        for name, hi in (("num_frames", MAX_FRAMES), ("width", MAX_SIZE), ("height", MAX_SIZE)):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ClipError(f"clip.json: {name} must be a positive integer, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= hi:
+                raise ClipError(f"clip.json: {name} must be an integer in [1, {hi}], "
+                                f"got {_short(value)}")
+        fps = self.fps
         if (
-            isinstance(self.fps, bool)
-            or not isinstance(self.fps, (int, float))
-            or not math.isfinite(self.fps)
-            or self.fps <= 0
+            isinstance(fps, bool)
+            or not isinstance(fps, (int, float))
+            or not 0 < fps <= MAX_FPS  # False for NaN; no float() overflow on huge ints
         ):
-            raise ClipError(f"clip.json: fps must be a positive number, got {self.fps!r}")
-        object.__setattr__(self, "fps", float(self.fps))
+            raise ClipError(f"clip.json: fps must be a number in (0, {MAX_FPS:g}], "
+                            f"got {_short(fps)}")
+        object.__setattr__(self, "fps", float(fps))
         stamps = self.stamps_ns
         if not isinstance(stamps, (list, tuple)) or not all(
-            isinstance(s, int) and not isinstance(s, bool) for s in stamps
+            isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= MAX_STAMP_NS
+            for s in stamps
         ):
-            raise ClipError("clip.json: stamps_ns must be a list of integers")
+            raise ClipError("clip.json: stamps_ns must be a list of integers in "
+                            f"[0, {MAX_STAMP_NS}] (nanoseconds)")
         if len(stamps) != self.num_frames:
             raise ClipError(
                 f"clip.json: {len(stamps)} stamps for {self.num_frames} frames"
@@ -200,6 +220,12 @@ class ClipMeta:
         return f"{index:06d}.{self.encoding}"
 
 
+def _short(value: Any) -> str:
+    """``repr`` cut to one short line (for messages about foreign data)."""
+    text = repr(value).replace("\n", " ")
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 # -- reading ----------------------------------------------------------------------------
 def _to_rgb(frame: np.ndarray) -> np.ndarray:
     """(H, W), (H, W, 1), (H, W, 3) or (H, W, 4) uint8 -> (H, W, 3) uint8 RGB."""
@@ -244,8 +270,10 @@ class Clip:
             raise ClipError(f"{path} is not a clip (no clip.json)")
         try:
             data = read_json(meta_path)
-        except (OSError, UnicodeDecodeError, ValueError) as exc:
-            raise ClipError(f"cannot read {meta_path}: {exc}") from None
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+            reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+            raise ClipError(f"cannot read {meta_path}: {reason}; restore or remove the clip "
+                            "directory") from None
         try:
             meta = ClipMeta.from_dict(data)
         except TypeError as exc:
@@ -400,10 +428,8 @@ class ClipWriter:
     ) -> None:
         self.path = resolve_clip_path(root, clip_id)
         self.clip_id = clip_id
-        if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not (
-            math.isfinite(fps) and fps > 0
-        ):
-            raise ClipError(f"fps must be a positive number, got {fps!r}")
+        if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not 0 < fps <= MAX_FPS:
+            raise ClipError(f"fps must be a number in (0, {MAX_FPS:g}], got {_short(fps)}")
         if encoding not in ENCODINGS:
             raise ClipError(f"encoding must be one of {', '.join(ENCODINGS)}, got {encoding!r}")
         if not 1 <= int(jpeg_quality) <= 100:
@@ -501,10 +527,21 @@ class ClipWriter:
                 f"frame {index}: stamp {stamp} ns does not increase "
                 f"(previous {self._stamps[-1]} ns)"
             )
+        if not 0 <= stamp <= MAX_STAMP_NS:
+            raise ClipError(f"frame {index}: stamp {stamp} ns is outside [0, {MAX_STAMP_NS}]")
         name = f"{index:06d}.{self.encoding}"
         bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
-        if not cv2.imwrite(str(tmp / "frames" / name), bgr, self._params):
-            raise ClipError(f"cannot write frame {index} of clip {self.clip_id!r} to {tmp}")
+        ok, data = cv2.imencode(f".{self.encoding}", bgr, self._params)
+        if not ok:
+            raise ClipError(f"cannot encode frame {index} of clip {self.clip_id!r}")
+        # Written by Python, not cv2.imwrite: a full disk or a file size limit raises with
+        # its real reason (StorageError) instead of a bare failure flag.
+        target = tmp / "frames" / name
+        try:
+            with open(target, "wb") as f:
+                f.write(data.tobytes())
+        except OSError as exc:
+            raise disk_error(self.path / "frames" / name, exc) from None
         self._stamps.append(stamp)
         if stamp_ns is not None:
             self._anchor = (index, stamp)
@@ -544,7 +581,11 @@ class ClipWriter:
             raise
         self._done = True
         assert self._cm is not None
-        self._cm.__exit__(None, None, None)  # the rename; removes the temp dir if it fails
+        try:
+            self._cm.__exit__(None, None, None)  # the rename; removes the temp dir if it fails
+        except FileExistsError:  # another writer published the same id meanwhile
+            raise ClipError(f"clip {self.clip_id!r} was created by someone else meanwhile; "
+                            "choose another id") from None
         self.clip = Clip.open(self.path)
         log.info("wrote %s", self.clip)
         return self.clip
@@ -755,13 +796,14 @@ def clip_from_frames_dir(
 def list_clips(root: PathLike) -> list[Clip]:
     """All valid clips under ``root``, sorted by first stamp then id.
 
-    Temporary (dot) directories and directories without ``clip.json`` are skipped;
-    malformed clips are skipped with a warning. A missing ``root`` gives ``[]``.
+    Temporary (dot) directories, directories without ``clip.json``, names that are not
+    valid clip ids and links that lead outside ``root`` are skipped; malformed or unreadable
+    clips are skipped with a warning. A missing or unreadable ``root`` gives ``[]``.
     """
     root = Path(root).expanduser()
     try:
         entries = sorted(root.iterdir())
-    except (FileNotFoundError, NotADirectoryError):
+    except OSError:
         return []
     clips = []
     for entry in entries:
@@ -770,11 +812,27 @@ def list_clips(root: PathLike) -> list[Clip]:
         if not (entry / "clip.json").exists():
             continue
         try:
-            clips.append(Clip.open(entry))
-        except ClipError as exc:
-            log.warning("skipping malformed clip %s: %s", entry, exc)
+            clips.append(Clip.open(resolve_clip_path(root, entry.name)))
+        except (ClipError, OSError) as exc:
+            log.warning("skipping clip %s: %s", entry, exc)
     clips.sort(key=lambda c: (c.meta.stamps_ns[0], c.clip_id))
     return clips
+
+
+def sweep_clip_dir(root: PathLike) -> list[Path]:
+    """Remove the temporaries that dead processes left in ``root`` and in its clips'
+    ``work/``, ``model/`` and ``cache/`` folders (see :func:`.storage.sweep_temps`).
+
+    Returns the removed paths.
+    """
+    root = Path(root).expanduser()
+    removed = sweep_temps(root)
+    for clip in list_clips(root):
+        for sub in (clip.work_dir, clip.model_dir, clip.cache_dir):
+            removed += sweep_temps(sub)
+    if removed:
+        log.info("removed %d temporaries left by dead processes in %s", len(removed), root)
+    return removed
 
 
 def open_clip(root: PathLike, clip_id: str) -> Clip:

@@ -185,7 +185,9 @@ class TrainConfig:
                                0, 10_000_000)
     seed: int = _f(0, "random seed (training is reproducible for a given seed and device)",
                    0, 2**31 - 1)
-    precision: str = _f("fp32", "training compute precision", choices=PRECISIONS)
+    precision: str = _f("auto", "training compute precision (auto: bf16 autocast where the "
+                                "device supports it fast, else fp32; fp32: the reference path)",
+                        choices=PRECISIONS)
 
 
 @dataclass(frozen=True)
@@ -199,9 +201,16 @@ class TrackConfig:
     max_anchors: int = _f(16, "anchor frames sampled per query (bounds the cost)", 1, 100000)
     visibility_threshold: float = _f(0.5, "visible == (visibility score >= this)", 0.0, 1.0)
     query_batch: int = _f(1024, "queries per batch", 1, 1_000_000)
+    resident_megabytes: int = _f(512, "keep a clip's refined features in memory (fp32 and "
+                                 "unit-norm copies) up to this size; larger clips are read "
+                                 "from the memory-mapped cache on every query", 0, 1_000_000)
     frame_batch: int = _f(8, "frames per batch", 1, 100000)
     cache_precision: str = _f("fp16", "dtype of the on-disk refined-feature cache",
                               choices=("fp16", "fp32"))
+    live_history: int = _f(4, "live tracking: recent live frames used as visibility anchors "
+                              "beside the query frame (0: the query frame only)", 0, 64)
+    live_threshold: float = _f(1.5, "live tracking: occluded when the median distance over "
+                                    "anchors exceeds this many token strides", 0.01, 1000.0)
 
 
 @dataclass(frozen=True)
@@ -300,7 +309,8 @@ def _coerce(name: str, f: dataclasses.Field, default: Any, value: Any) -> Any:
             raise ConfigError(f"{name}: expected true or false, got {value!r}")
         return value
     if isinstance(default, int):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        if (isinstance(value, bool) or not isinstance(value, (int, float))
+                or (isinstance(value, float) and not value.is_integer())):
             raise ConfigError(f"{name}: expected an integer, got {value!r}")
         value = int(value)
     elif isinstance(default, float):
@@ -377,7 +387,8 @@ def parse_override(text: str) -> tuple:
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override '{text}': value is not valid YAML ({exc})") from None
+        first = (str(exc).splitlines() or ["parse error"])[0]
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({first})") from None
     if value is None:
         value = ""
     return key.strip(), value
@@ -443,6 +454,8 @@ def load_config(
         data = loaded or {}
     if profile == "auto":
         profile = data.get("profile", "auto")
+    if not isinstance(profile, str):
+        raise ConfigError(f"profile: use one of auto, {', '.join(PROFILES)}; got {profile!r}")
     if device is not None:
         data = {**data, "device": device}
     if profile == "auto":

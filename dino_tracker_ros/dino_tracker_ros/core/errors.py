@@ -9,6 +9,7 @@ __all__ = [
     "DinoTrackerError",
     "NotTrainedError",
     "QueryError",
+    "StorageError",
     "WeightsError",
 ]
 
@@ -39,3 +40,9 @@ class QueryError(DinoTrackerError):
 
 class Cancelled(DinoTrackerError):
     """A long job was cancelled cooperatively through its :class:`~.progress.CancelToken`."""
+
+
+class StorageError(DinoTrackerError, OSError):
+    """A file could not be written: disk full, read-only file system, no permission, file
+    size limit. Also an :class:`OSError` (``errno`` is the original one), so code that
+    handles OS errors keeps working; nothing half-written is left in place."""

@@ -59,8 +59,8 @@ def flow_loss(
 def info_nce(
     src_q: torch.Tensor,
     tgt_q: torch.Tensor,
-    src_feats: torch.Tensor,
-    tgt_feats: torch.Tensor,
+    src_unit: torch.Tensor,
+    tgt_unit: torch.Tensor,
     temperature: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric InfoNCE of best-buddy pairs against whole feature grids.
@@ -71,19 +71,19 @@ def info_nce(
 
     Args:
         src_q, tgt_q: ``(N, C)`` features of the pairs' points in frames s and t.
-        src_feats, tgt_feats: ``(C, h, w)`` feature grids of frames s and t.
+        src_unit, tgt_unit: ``(C, h, w)`` feature grids of frames s and t, already
+            L2-normalised along C (the trainer normalises each grid once per iteration).
         temperature: tau.
 
     Returns:
-        ``(l_st (N,), l_ts (N,))`` float32.
+        ``(l_st (N,), l_ts (N,))`` float32 (the logits may be computed in bf16 under
+        autocast; the log-sum-exp is always float32).
     """
     a = F.normalize(src_q.float(), dim=-1, eps=_EPS)
     b = F.normalize(tgt_q.float(), dim=-1, eps=_EPS)
-    fs = F.normalize(src_feats.float().flatten(1), dim=0, eps=_EPS)  # (C, n)
-    ft = F.normalize(tgt_feats.float().flatten(1), dim=0, eps=_EPS)
     pos = (a * b).sum(-1) / temperature
-    l_st = torch.logsumexp((a @ ft) / temperature, dim=-1) - pos
-    l_ts = torch.logsumexp((b @ fs) / temperature, dim=-1) - pos
+    l_st = torch.logsumexp((a @ tgt_unit.flatten(1)).float() / temperature, dim=-1) - pos
+    l_ts = torch.logsumexp((b @ src_unit.flatten(1)).float() / temperature, dim=-1) - pos
     return l_st, l_ts
 
 

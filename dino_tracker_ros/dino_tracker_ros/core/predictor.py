@@ -7,18 +7,20 @@ independently in every frame from its own feature (no frame-to-frame chaining, h
 drift), forward and backward in time from its query frame. Visibility comes from
 trajectory agreement (:mod:`.visibility`).
 
-Speed: the head's cosine cost maps are one matrix product per frame batch, and its
-refiner + soft-argmax run only on a window around each map's peak
-(:func:`locate_windowed`, equal to the head's result; ~25x less work than on full maps
-on CPU). The visibility check, queries x anchors x frames predictions, computes its cost
-maps and refiner in bf16 where the device does that fast (``precision``); trajectories
-stay fp32.
+Speed: the head's cosine cost maps are one matrix product per frame batch (per anchor
+frame in the visibility check), and its refiner + soft-argmax run only on a window around
+each map's peak (:func:`locate_windowed`, equal to the head's result), as two small matrix
+products per window, a few thousand windows at a time. The visibility check, queries x
+anchors x frames predictions, computes its cost maps and refiner in bf16 where the device
+does that fast (``precision``); trajectories stay fp32.
 
 Memory: queries are processed in batches (``track.query_batch``, shrunk so that the
 per-batch buffer of features at the predictions stays under
 :data:`FEATURE_BUFFER_BYTES`), frames in chunks of ``track.frame_batch``, and one head call
-holds at most :data:`MAP_BUDGET` cost-map cells. The cache is read from its memory map, so
-RAM does not grow with the clip length beyond the (queries x frames) results.
+holds at most :data:`MAP_BUDGET` cost-map cells. A clip's features (float32, plus their
+unit-norm copies) stay in memory after the first query when they fit in
+``track.resident_megabytes``; larger clips are read from the cache's memory map in every
+pass, so RAM does not grow with the clip length beyond the (queries x frames) results.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import hashlib
 import logging
 import math
 import os
+import threading
 from pathlib import Path
 from typing import Any, NamedTuple, Union
 
@@ -58,6 +61,9 @@ logger = logging.getLogger("dino_tracker.predictor")
 CACHE_VERSION = 1
 MAP_BUDGET = 1 << 24  # cost-map cells per head call (the refiner runs on small windows)
 FEATURE_BUFFER_BYTES = 1 << 28  # per query batch: features at the predictions (Q, T, C)
+LOCATE_CELLS = 1 << 18  # refiner input cells per pass (bounds its intermediates)
+DENSE_REFINER_ENTRIES = 1 << 20  # largest refiner layer run as one matrix product
+_SINK = 1e4  # pushes a refiner cell outside the map far below zero (its ReLU gives 0)
 _EPS = 1e-8  # as the head's cosine
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -288,6 +294,135 @@ def _refiner_steps(refiner: torch.nn.Module) -> list | None:
     return steps
 
 
+def _conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Unpadded ``F.conv2d`` (stride 1) in the layouts that oneDNN runs fast on a CPU.
+
+    Measured on the refiner's 3x3 layers (per 11x11 window, one thread): one input channel
+    in NCHW 17 us fp32 / 0.6 us bf16, in channels-last 2.5 / 0.65 us; one output channel
+    6.3 / 3.8 us, as a channels-last depthwise convolution plus a channel sum 1.8 / 2.4 us.
+    The sums are the same up to rounding.
+    """
+    cout, cin, k = int(weight.shape[0]), int(weight.shape[1]), int(weight.shape[-1])
+    if x.device.type != "cpu":
+        return F.conv2d(x, weight, bias)
+    x = x.contiguous(memory_format=torch.channels_last)
+    if cout == 1 and cin > 1:
+        y = F.conv2d(x, weight.reshape(cin, 1, k, k), None, groups=cin)
+        y = y.sum(dim=1, keepdim=True)
+        return y if bias is None else y + bias.reshape(1, 1, 1, 1)
+    return F.conv2d(x, weight, bias)
+
+
+def _refine(steps: list, x: torch.Tensor, keep: tuple | None) -> torch.Tensor:
+    """Run the refiner ``steps`` as unpadded convolutions on windows ``x (M, 1, S, S)``.
+
+    ``keep = (rows (M, S), cols (M, S))``: 0/1 masks of the cells inside the map (``None``:
+    all inside). They zero the outside cells of the input and of every convolution's output
+    but the last (the caller ignores those), as zero padding of the whole map would.
+    Returns ``(M, S', S')``.
+    """
+    convs = sum(isinstance(s, tuple) for s in steps)
+    if keep is not None:
+        x = x * (keep[0][:, None, :, None] * keep[1][:, None, None, :])
+    crop = 0
+    for step in steps:
+        if not isinstance(step, tuple):
+            x = step(x)
+            continue
+        weight, bias = step
+        x = _conv(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+        convs -= 1
+        crop += int(weight.shape[-1]) // 2
+        if keep is not None and convs > 0:
+            s = x.shape[-1]
+            x = x * (keep[0][:, None, crop:crop + s, None] * keep[1][:, None, None, crop:crop + s])
+    return x[:, 0]
+
+
+def _conv_matrix(weight: torch.Tensor, side: int) -> torch.Tensor:
+    """The unpadded stride-1 convolution of a ``(cin, side, side)`` input as a matrix.
+
+    ``out.flatten() = in.flatten() @ matrix``; shape ``(cin * side**2, cout * out_side**2)``
+    with ``out_side = side - k + 1`` (channel-major, row-major flattening, as ``reshape``).
+    """
+    cout, cin, k = int(weight.shape[0]), int(weight.shape[1]), int(weight.shape[-1])
+    out_side = side - k + 1
+    dev = weight.device
+    o, c, dy, dx, i, j = torch.meshgrid(
+        *(torch.arange(n, device=dev) for n in (cout, cin, k, k, out_side, out_side)),
+        indexing="ij")
+    rows = (c * side + i + dy) * side + j + dx
+    cols = (o * out_side + i) * out_side + j
+    matrix = torch.zeros(cin * side * side, cout * out_side * out_side, device=dev)
+    values = weight[:, :, :, :, None, None].expand(-1, -1, -1, -1, out_side, out_side)
+    matrix[rows.flatten(), cols.flatten()] = values.flatten()
+    return matrix
+
+
+def _dense_plan(steps: list, size: int, dtype: torch.dtype, device: torch.device) -> list | None:
+    """The refiner on ``size`` x ``size`` windows as matrix products, or ``None``.
+
+    An unpadded convolution is a linear map of the flattened window (:func:`_conv_matrix`).
+    Two small GEMMs per window (121 -> 1,296 -> 49 values for 11x11 windows) run faster on a
+    CPU than convolutions of 1 and 16 channels on tiny images, although they multiply more
+    zeros. The cells outside the map of an intermediate layer's output must be zero (zero
+    padding of the whole map): each such layer's matrix gets one extra input row per output
+    cell, -:data:`_SINK` in every channel of that cell, fed with 1 where the cell lies
+    outside the map, so that the following ReLU zeroes it (exact: inside cells add 0).
+    ``None`` (use convolutions) when a layer's matrix would exceed
+    :data:`DENSE_REFINER_ENTRIES` or an intermediate layer is not followed by a ReLU.
+
+    Returns:
+        per convolution ``(matrix (in, out), bias (out,) or None, side, last)`` (``side``: its
+        output's side length), and the elementwise callables, in order.
+    """
+    where = [i for i, step in enumerate(steps) if isinstance(step, tuple)]
+    plan: list = []
+    cin, side = 1, size
+    for i, step in enumerate(steps):
+        if not isinstance(step, tuple):
+            plan.append(step)
+            continue
+        weight, bias = step
+        cout, k = int(weight.shape[0]), int(weight.shape[-1])
+        out_side = side - k + 1
+        cells = out_side * out_side
+        if cin * side * side * cout * cells > DENSE_REFINER_ENTRIES:
+            return None
+        matrix = _conv_matrix(weight.float().to(device), side)
+        last = i == where[-1]
+        if not last:
+            if i + 1 >= len(steps) or not isinstance(steps[i + 1], torch.nn.ReLU):
+                return None
+            sink = torch.eye(cells, device=device).repeat(1, cout) * -_SINK
+            matrix = torch.cat([matrix, sink], dim=0)
+        full_bias = None if bias is None else bias.float().to(device).repeat_interleave(cells)
+        plan.append((matrix.to(dtype), None if full_bias is None else full_bias.to(dtype),
+                     out_side, last))
+        cin, side = cout, out_side
+    return plan
+
+
+def _refine_dense(plan: list, x: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
+    """Run a :func:`_dense_plan` on flattened windows ``x (M, S * S)`` (outside cells 0).
+
+    ``inside``: (M, S, S) bool, the window's cells inside the map. Returns ``(M, S' * S')``,
+    the last layer's output (its outside cells are not zeroed).
+    """
+    m, size = x.shape[0], inside.shape[1]
+    for step in plan:
+        if not isinstance(step, tuple):
+            x = step(x)
+            continue
+        matrix, bias, side, last = step
+        if not last:
+            c = (size - side) // 2
+            outside = ~inside[:, c:c + side, c:c + side]
+            x = torch.cat([x, outside.reshape(m, -1).to(x.dtype)], dim=1)
+        x = x @ matrix if bias is None else torch.addmm(bias, x, matrix)
+    return x
+
+
 def locate_windowed(
     head: torch.nn.Module, cost: torch.Tensor, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
@@ -296,16 +431,17 @@ def locate_windowed(
     The tracker head's soft-argmax only weighs token cells within ``head.radius`` of the
     raw cosine peak, and the softmax normaliser cancels in its renormalisation over that
     disc; the refiner's same-padded convolutions only read a few cells around each output.
-    So the refiner runs as unpadded convolutions on a window of the disc plus that margin,
-    with the cells outside the map zeroed after every layer (what zero padding gives on the
-    full map). The one difference: where the head's softmax mass inside the disc underflows
-    (< 1e-8, the refined map peaking far outside the disc), the head returns the disc's
-    centroid and this function the soft-argmax over the disc. A refiner with layers of
-    other kinds runs through ``head.locate`` itself.
+    So the refiner runs as unpadded convolutions on a window of the disc plus that margin
+    (as matrix products, :func:`_dense_plan`, while they are small), with the cells outside
+    the map zeroed (what zero padding gives on the full map), :data:`LOCATE_CELLS` input
+    cells at a time. The one difference to the head: where its softmax mass inside the disc
+    underflows (< 1e-8, the refined map peaking far outside the disc), the head returns the
+    disc's centroid and this function the soft-argmax over the disc. A refiner with layers
+    of other kinds runs through ``head.locate`` itself.
 
     Args:
         head: a :class:`~.model.TrackerHead` (``geometry``, ``radius``, ``refiner``).
-        cost: (B, Q, h, w) raw cosine maps.
+        cost: (B, Q, h, w) raw cosine maps (any float dtype).
         dtype: compute dtype of the refiner (float32: the head's own precision).
 
     Returns:
@@ -321,39 +457,51 @@ def locate_windowed(
     r = int(math.floor(float(head.radius) / stride + 1e-6))
     margin = sum(int(s[0].shape[-1]) // 2 for s in steps if isinstance(s, tuple))
     pad = r + margin
+    size = 2 * pad + 1
+    chunk = max(1, LOCATE_CELLS // (size * size))
+    plan = _dense_plan(steps, size, dtype, dev)
+    offs = torch.arange(-pad, pad + 1, device=dev)
+    d = torch.arange(-r, r + 1, device=dev, dtype=torch.float32) * stride
+    disc = (d[:, None] ** 2 + d[None, :] ** 2) <= float(head.radius) ** 2
+    core = slice(margin, margin + 2 * r + 1)
+    maps_all = cost.reshape(n, h * w)
+    out = torch.empty(n, 2, device=dev)
     with torch.autocast(device_type=dev.type, enabled=False):
-        maps = cost.float().reshape(n, h * w)
-        peak = maps.argmax(-1)
-        pi, pj = peak // w, peak % w
-        offs = torch.arange(-pad, pad + 1, device=dev)
-        rows = pi[:, None] + offs[None]  # (N, S)
-        cols = pj[:, None] + offs[None]
-        inside = (((rows >= 0) & (rows < h))[:, :, None]
-                  & ((cols >= 0) & (cols < w))[:, None, :])[:, None]  # (N, 1, S, S)
-        flat = rows.clamp(0, h - 1)[:, :, None] * w + cols.clamp(0, w - 1)[:, None, :]
-        x = torch.gather(maps, 1, flat.reshape(n, -1)).reshape(n, 1, 2 * pad + 1, -1)
-        x = F.relu(x).to(dtype) * inside
-        crop = 0
-        for step in steps:
-            if isinstance(step, tuple):
-                weight, bias = step
-                x = F.conv2d(x, weight.to(dtype), None if bias is None else bias.to(dtype))
-                crop += int(weight.shape[-1]) // 2
-                x = x * inside[:, :, crop:inside.shape[-2] - crop, crop:inside.shape[-1] - crop]
+        for c0 in range(0, n, chunk):
+            maps = maps_all[c0:c0 + chunk]
+            m = maps.shape[0]
+            peak = maps.max(dim=-1).indices  # the first maximum, as argmax; faster on CPUs
+            rows = (peak // w)[:, None] + offs[None]  # (M, S)
+            cols = (peak % w)[:, None] + offs[None]
+            row_ok = (rows >= 0) & (rows < h)
+            col_ok = (cols >= 0) & (cols < w)
+            inside = row_ok[:, :, None] & col_ok[:, None, :]  # (M, S, S)
+            flat = rows.clamp(0, h - 1)[:, :, None] * w + cols.clamp(0, w - 1)[:, None, :]
+            x = torch.gather(maps, 1, flat.reshape(m, -1)).reshape(m, 1, size, size)
+            if plan is None:
+                x = F.relu(x.to(dtype))
+                border = ~(row_ok.all(1) & col_ok.all(1))
+                heat = torch.empty(m, 2 * r + 1, 2 * r + 1, device=dev)
+                for sel, keep in ((~border, False), (border, True)):
+                    idx = torch.nonzero(sel)[:, 0]
+                    if len(idx):
+                        masks = (row_ok[idx].to(dtype), col_ok[idx].to(dtype)) if keep else None
+                        heat[idx] = _refine(steps, x[idx], masks).float()
             else:
-                x = step(x)
-        heat = x[:, 0].float()  # (N, 2r+1, 2r+1)
-        core = slice(margin, margin + 2 * r + 1)
-        d = torch.arange(-r, r + 1, device=dev, dtype=torch.float32) * stride
-        disc = (d[:, None] ** 2 + d[None, :] ** 2) <= float(head.radius) ** 2
-        valid = disc[None] & inside[:, 0, core, core]
-        logits = heat.masked_fill(~valid, -float("inf")).reshape(n, -1)
-        prob = torch.softmax(logits, dim=-1).reshape(heat.shape)
-        gx = head.geometry.grid_to_pixel(cols[:, core].float())  # (N, 2r+1)
-        gy = head.geometry.grid_to_pixel(rows[:, core].float())
-        x_pos = (prob.sum(dim=1) * gx).sum(-1)
-        y_pos = (prob.sum(dim=2) * gy).sum(-1)
-    return torch.stack([x_pos, y_pos], -1).reshape(b, q, 2)
+                x = F.relu(x.reshape(m, -1).to(dtype)) * inside.reshape(m, -1).to(dtype)
+                heat = _refine_dense(plan, x, inside).float()
+                heat = heat.reshape(m, 2 * r + 1, 2 * r + 1)
+            valid = disc[None] & inside[:, core, core]
+            # softmax over the valid cells (written out: faster than torch.softmax on rows
+            # of 9-49 cells)
+            heat = heat.masked_fill(~valid, -float("inf"))
+            prob = torch.exp(heat - heat.amax(dim=(1, 2), keepdim=True))
+            prob = prob / prob.sum(dim=(1, 2), keepdim=True)
+            gx = head.geometry.grid_to_pixel(cols[:, core].float())  # (M, 2r+1)
+            gy = head.geometry.grid_to_pixel(rows[:, core].float())
+            out[c0:c0 + m, 0] = (prob.sum(dim=1) * gx).sum(-1)
+            out[c0:c0 + m, 1] = (prob.sum(dim=2) * gy).sum(-1)
+    return out.reshape(b, q, 2)
 
 
 class Predictor:
@@ -407,6 +555,9 @@ class Predictor:
             np.zeros(num_t, dtype=np.int64) if stamps_ns is None
             else np.asarray(stamps_ns, dtype=np.int64)
         )
+        self._lock = threading.Lock()
+        self._raw: torch.Tensor | None = None  # resident float32 features (T, C, h, w)
+        self._unit_cache: dict[torch.dtype, torch.Tensor] = {}  # unit-norm (T, C, h * w)
 
     @classmethod
     def open(
@@ -448,10 +599,46 @@ class Predictor:
         """T."""
         return int(self.features.shape[0])
 
+    def _resident(self) -> torch.Tensor | None:
+        """All frames' float32 features on the device, loaded once, or ``None``.
+
+        They stay resident when they and their unit-norm copies (fp32 and the visibility
+        pass's dtype) fit in ``track.resident_megabytes``; otherwise every pass reads the
+        memory-mapped cache again (RAM independent of the clip length).
+        """
+        t, c, h, w = (int(s) for s in self.features.shape)
+        per_value = 8 + torch.finfo(self.anchor_dtype).bits // 8
+        if t * c * h * w * per_value > int(self.track_cfg.resident_megabytes) * (1 << 20):
+            return None
+        with self._lock:
+            if self._raw is None:
+                raw = torch.empty(t, c, h, w, device=self.device)
+                step = max(1, int(self.track_cfg.frame_batch))
+                for t0 in range(0, t, step):
+                    block = np.array(self.features[t0:t0 + step])
+                    raw[t0:t0 + step] = torch.from_numpy(block).to(self.device, torch.float32)
+                self._raw = raw
+        return self._raw
+
     def _frames(self, t0: int, t1: int) -> torch.Tensor:
-        """Features of frames [t0, t1) as float32 ``(B, C, h, w)`` on the device."""
+        """Features of frames [t0, t1) as float32 ``(B, C, h, w)`` on the device (read-only)."""
+        raw = self._resident()
+        if raw is not None:
+            return raw[t0:t1]
         block = np.array(self.features[t0:t1])  # a writable copy of the memory map
         return torch.from_numpy(block).to(self.device, torch.float32)
+
+    def _unit(self, t0: int, t1: int, dtype: torch.dtype) -> torch.Tensor:
+        """Unit-norm features of frames [t0, t1) as ``(B, C, h * w)`` in ``dtype``."""
+        raw = self._resident()
+        if raw is None:
+            return F.normalize(self._frames(t0, t1), dim=1, eps=_EPS).flatten(2).to(dtype)
+        with self._lock:
+            unit = self._unit_cache.get(dtype)
+            if unit is None:
+                unit = F.normalize(raw, dim=1, eps=_EPS).flatten(2).to(dtype)
+                self._unit_cache[dtype] = unit
+        return unit[t0:t1]
 
     def _predict(self, qn: torch.Tensor, tn: torch.Tensor) -> torch.Tensor:
         """Head predictions from unit-norm features, chunked over queries.
@@ -535,8 +722,7 @@ class Predictor:
         for t0 in range(0, num_t, fb):
             t1 = min(t0 + fb, num_t)
             target = self._frames(t0, t1)  # (B, C, h, w)
-            tn = F.normalize(target, dim=1, eps=_EPS).flatten(2)
-            pred = self._predict(qn_[None], tn)  # (B, Q, 2)
+            pred = self._predict(qn_[None], self._unit(t0, t1, torch.float32))  # (B, Q, 2)
             at = F.normalize(self.model.sample(target, pred), dim=-1, eps=_EPS)  # (B, Q, C)
             traj[:, t0:t1] = pred.transpose(0, 1)
             src[:, t0:t1] = at.transpose(0, 1).to(src.dtype)
@@ -550,8 +736,8 @@ class Predictor:
         cycle = torch.zeros(qn, anchors.shape[1], num_t, 2, device=dev)
         for a in torch.unique(anchors[valid]).tolist():
             qi, si = torch.nonzero((anchors == a) & valid, as_tuple=True)
-            tn = F.normalize(self._frames(a, a + 1)[0], dim=0, eps=_EPS).flatten(1)
-            pts = self._predict(src[qi].reshape(-1, src.shape[-1]), tn.to(src.dtype))
+            pts = self._predict(src[qi].reshape(-1, src.shape[-1]),
+                                self._unit(a, a + 1, src.dtype)[0])
             cycle[qi, si] = pts.reshape(len(qi), num_t, 2)
         vis = agreement_visibility(cycle, traj, anchors, valid, cos, kq, cfg.occlusion_cos)
         return traj.cpu().numpy(), vis.score.cpu().numpy()

@@ -16,6 +16,12 @@ best_buddies   ``best_buddies.npy`` (M, 7) float32        features, flow,
 ``work/prep.json`` records every finished stage with a hash of the settings it depends on
 (including its inputs' hashes), so a second run skips finished stages and redoes exactly
 the stages whose settings, or whose inputs' settings, changed.
+
+Crash safety: a stage's record is removed from ``prep.json`` *before* the stage rewrites its
+outputs and added back only after all of them are in place, so a process killed at any point
+(``kill -9``) never leaves a record that vouches for outputs of other settings or for a
+partly rewritten multi-file stage (flow); the next run redoes exactly that stage.
+Temporaries of dead processes in ``work/`` are removed at the start of a run.
 """
 
 from __future__ import annotations
@@ -36,7 +42,14 @@ from .config import Config, resolve_device
 from .errors import NotTrainedError
 from .geometry import GridGeometry, working_size
 from .progress import CancelToken, Progress, ProgressCallback, StageReporter
-from .storage import create_array, load_optional_json, open_array, write_json_atomic
+from .storage import (
+    create_array,
+    disk_error,
+    load_optional_json,
+    open_array,
+    sweep_temps,
+    write_json_atomic,
+)
 
 __all__ = ["PREP_VERSION", "STAGES", "Workspace", "preprocess_clip", "stage_hashes"]
 
@@ -157,6 +170,12 @@ class Workspace:
         rec["num_frames"] = len(self.clip)
         write_json_atomic(self.record_path, rec)
 
+    def _unmark(self, stage: str) -> None:
+        """Forget ``stage`` before its outputs are rewritten (see the module docstring)."""
+        rec = self.record()
+        if rec["stages"].pop(stage, None) is not None:
+            write_json_atomic(self.record_path, rec)
+
     def _require(self, stage: str) -> Path:
         path = self.dir / _FILES[stage]
         if not path.is_file():
@@ -230,7 +249,11 @@ def preprocess_clip(
     if not isinstance(clip, Clip):
         clip = Clip.open(clip)
     ws = Workspace(clip, cfg)
-    ws.dir.mkdir(parents=True, exist_ok=True)
+    try:
+        ws.dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise disk_error(ws.dir, exc) from None
+    sweep_temps(ws.dir)
     dev = resolve_device(device or cfg.device)
     total_w = sum(_WEIGHTS.values())
     ranges: dict[str, tuple[float, float]] = {}
@@ -307,6 +330,7 @@ def preprocess_clip(
         if cancel is not None:
             cancel.check()
         logger.info("preprocess %s: %s ...", clip.clip_id, stage)
+        ws._unmark(stage)
         t0 = time.monotonic()
         info = runners[stage](a, b)
         seconds = time.monotonic() - t0

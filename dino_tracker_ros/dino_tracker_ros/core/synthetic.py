@@ -34,7 +34,7 @@ import cv2
 import numpy as np
 
 from .clip import Clip, ClipWriter
-from .errors import ClipError
+from .errors import ClipError, ConfigError
 from .storage import atomic_path
 
 __all__ = [
@@ -239,7 +239,8 @@ class SyntheticScene:
     def __init__(self, num_frames: int, height: int, width: int, seed: int = 0,
                  num_points: int = 64, occluder: bool = True) -> None:
         if num_frames < 1 or height < 32 or width < 32 or num_points < 1:
-            raise ValueError("need num_frames >= 1, height and width >= 32, num_points >= 1")
+            raise ConfigError("a synthetic clip needs frames >= 1, height and width >= 32 and "
+                              "points >= 1")
         self.num_frames, self.height, self.width = int(num_frames), int(height), int(width)
         self.seed = int(seed)
         rng = np.random.default_rng(self.seed)
@@ -402,7 +403,8 @@ class SyntheticScene:
                         continue
                     break
                 else:
-                    raise RuntimeError("could not place a visible query point")
+                    raise ClipError("could not place a visible query point in the synthetic "
+                                    "scene; use a larger size or fewer points")
                 track = self.track(layer, (tq, xy[0], xy[1]))
                 occ = self.covered(layer, track) | self._outside(track)
                 occ[tq] = False

@@ -35,11 +35,12 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .checkpoint import save_model
 from .clip import Clip
 from .config import Config, resolve_device
-from .errors import Cancelled
+from .errors import Cancelled, ConfigError
 from .losses import (
     cycle_loss,
     dino_bb_loss,
@@ -77,6 +78,7 @@ _FLOW_CACHE_PAIRS = 64
 _LOG_EVERY_S = 10.0
 _STATUS_EVERY_S = 1.0
 _FINAL_LOSS_WINDOW = 20
+_EPS = 1e-8
 
 
 # -- results and status ---------------------------------------------------------------
@@ -137,6 +139,7 @@ class _StatusFile:
             "loss": float(loss) if math.isfinite(loss) else None,
             "message": message,
             "pid": os.getpid(),
+            "proc": _process_tag(os.getpid()),
             "host": socket.gethostname(),
             "updated": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
         })
@@ -145,22 +148,42 @@ class _StatusFile:
 def _pid_alive(pid: int) -> bool:
     if pid == os.getpid():
         return True
+    if pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    except OSError:
+    except (OSError, OverflowError):
         return False
     return True
+
+
+def _process_tag(pid: int) -> str | None:
+    """Boot id and start time of process ``pid`` (Linux; None elsewhere): a pid reused after
+    a crash (a restarted container's node often gets the same pid) has another tag."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{boot}:{stat.rsplit(')', 1)[1].split()[19]}"
+    except (OSError, IndexError):
+        return None
+
+
+def _same_process(pid: int, tag: Any) -> bool:
+    """Whether live ``pid`` is still the process that wrote ``tag`` (True when unknown)."""
+    now = _process_tag(pid)
+    return not isinstance(tag, str) or now is None or now == tag
 
 
 def train_status(clip: Clip | str | Path) -> TrainStatus:
     """The training state of ``clip`` (a :class:`~.clip.Clip` or its directory).
 
-    A ``training`` record whose process is gone (same host, dead pid) reads as ``failed``
-    with message ``interrupted at iteration k; train again to resume``.
+    A ``training`` record whose process is gone (same host, dead pid, or a pid now used by
+    another process) reads as ``failed`` with message ``interrupted at iteration k; train
+    again to resume``. A malformed record reads as ``failed`` with a message saying so.
     """
     if not isinstance(clip, Clip):
         clip = Clip.open(clip)
@@ -170,16 +193,21 @@ def train_status(clip: Clip | str | Path) -> TrainStatus:
             return TrainStatus("ready", "trained")
         return TrainStatus("recorded", "not trained yet")
     loss = rec.get("loss")
-    status = TrainStatus(
-        state=rec["state"],
-        message=str(rec.get("message", "")),
-        iteration=int(rec.get("iteration") or 0),
-        total=int(rec.get("total") or 0),
-        loss=float(loss) if isinstance(loss, (int, float)) else float("nan"),
-    )
+    try:
+        status = TrainStatus(
+            state=rec["state"],
+            message=str(rec.get("message", "")),
+            iteration=int(rec.get("iteration") or 0),
+            total=int(rec.get("total") or 0),
+            loss=float(loss) if isinstance(loss, (int, float)) else float("nan"),
+        )
+    except (TypeError, ValueError, OverflowError) as exc:
+        return TrainStatus("failed", f"model/train.json is malformed ({exc}); train again")
     if status.state == "training" and rec.get("host") == socket.gethostname():
         pid = rec.get("pid")
-        if isinstance(pid, int) and not _pid_alive(pid):
+        if isinstance(pid, int) and not isinstance(pid, bool) and (
+            not _pid_alive(pid) or not _same_process(pid, rec.get("proc"))
+        ):
             return dataclasses.replace(
                 status, state="failed",
                 message=f"interrupted at iteration {status.iteration}; train again to resume",
@@ -285,6 +313,26 @@ class _Points:
         return len(self.src)
 
 
+@dataclass
+class _Maps:
+    """One iteration's refined feature maps, in the layouts the loss terms read.
+
+    ``flat`` (K*h*w, C) for bilinear point gathers; ``unit``: the K grids (C, h, w),
+    L2-normalised once for every cosine map and InfoNCE denominator of the iteration, and
+    split once (indexing a frame per use would add a full-size zero gradient per use).
+    """
+
+    flat: torch.Tensor
+    unit: tuple[torch.Tensor, ...]
+    grid_hw: tuple[int, int]
+
+    @classmethod
+    def of(cls, refined: torch.Tensor) -> _Maps:
+        """The layouts of refined features ``(K, C, h, w)``."""
+        return cls(refined.permute(0, 2, 3, 1).reshape(-1, refined.shape[1]),
+                   F.normalize(refined, dim=1, eps=_EPS).unbind(0), tuple(refined.shape[-2:]))
+
+
 # -- the trainer -----------------------------------------------------------------------
 class Trainer:
     """Training state of one clip: model, optimiser, schedule, sampler RNG and history.
@@ -323,6 +371,9 @@ class Trainer:
             self.optimizer, [_StepDecay(self.tc.lr_decay, self.tc.lr_decay_every), _Constant()]
         )
         self.amp_dtype = resolve_precision(self.tc.precision, self.device)
+        #: run the head's refiner only around each cost-map peak (exact: the soft-argmax
+        #: only weighs that disc); ``False`` runs it on whole maps (the reference's way)
+        self.windowed_head = True
         self.scaler = (
             torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
         )
@@ -529,8 +580,14 @@ class Trainer:
         return _Points(np.concatenate(src), np.concatenate(tgt), np.concatenate(xy))
 
     # -- model helpers ---------------------------------------------------------------
-    def _predict(self, feats: torch.Tensor, flat: torch.Tensor, src: np.ndarray,
-                 xy: torch.Tensor, tgt: np.ndarray) -> torch.Tensor:
+    def _locate(self, cost: torch.Tensor) -> torch.Tensor:
+        """The head on cosine maps ``(B, Q, h, w)``: windowed (exact, faster) or full-map."""
+        if self.windowed_head:
+            return self.model.head.locate_windowed(cost)
+        return self.model.head.locate(cost)
+
+    def _predict(self, maps: _Maps, src: np.ndarray, xy: torch.Tensor, tgt: np.ndarray
+                 ) -> torch.Tensor:
         """Predictions (N, 2) working px of points ``xy`` of slots ``src`` in slots ``tgt``.
 
         Points are grouped by target slot (one head call per frame, none per point).
@@ -539,48 +596,53 @@ class Trainer:
         if n == 0:
             return xy.new_zeros((0, 2))
         order = np.argsort(tgt, kind="stable")
-        counts = np.bincount(tgt, minlength=feats.shape[0])
+        counts = np.bincount(tgt, minlength=len(maps.unit))
         perm = self._upload(order)
-        q = gather_points(flat, tuple(feats.shape[-2:]), self._upload(src[order]), xy[perm],
+        q = gather_points(maps.flat, maps.grid_hw, self._upload(src[order]), xy[perm],
                           self.geometry)
+        qn = F.normalize(q, dim=-1, eps=_EPS)
         outs, off = [], 0
         for k, c in enumerate(counts.tolist()):
             if c:
-                outs.append(self.model.predict(q[None, off : off + c], feats[k : k + 1])[0])
+                # fp32 cosine maps even under autocast: the refiner's sum-normalised kernels
+                # amplify bf16 rounding of the maps into position errors
+                with torch.autocast(self.device.type, enabled=False):
+                    cost = torch.einsum("qc,chw->qhw", qn[off : off + c].float(),
+                                        maps.unit[k].float())
+                outs.append(self._locate(cost[None])[0])
                 off += c
         pred = torch.cat(outs)
         return torch.empty_like(pred).index_copy(0, perm, pred)
 
-    def _contrastive(self, refined: torch.Tensor, flat: torch.Tensor, src: np.ndarray,
-                     tgt: np.ndarray, xy_src: torch.Tensor, xy_tgt: torch.Tensor,
-                     pair_ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def _contrastive(self, maps: _Maps, src: np.ndarray, tgt: np.ndarray,
+                     xy_src: torch.Tensor, xy_tgt: torch.Tensor, pair_ids: np.ndarray
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Symmetric InfoNCE terms ``(l_st, l_ts)`` (N,) of point pairs, pair by pair.
 
         Points of one frame pair are contiguous (``pair_ids`` non-decreasing).
         """
-        hw = tuple(refined.shape[-2:])
-        q_s = gather_points(flat, hw, self._upload(src), xy_src, self.geometry)
-        q_t = gather_points(flat, hw, self._upload(tgt), xy_tgt, self.geometry)
+        q_s = gather_points(maps.flat, maps.grid_hw, self._upload(src), xy_src, self.geometry)
+        q_t = gather_points(maps.flat, maps.grid_hw, self._upload(tgt), xy_tgt, self.geometry)
         l_st, l_ts = [], []
         bounds = np.flatnonzero(np.diff(pair_ids)) + 1
         for a, b in zip(np.concatenate([[0], bounds]), np.concatenate([bounds, [len(src)]]),
                         strict=True):
-            x, y = info_nce(q_s[a:b], q_t[a:b], refined[int(src[a])], refined[int(tgt[a])],
-                            self.tc.temperature)
+            x, y = info_nce(q_s[a:b], q_t[a:b], maps.unit[int(src[a])],
+                            maps.unit[int(tgt[a])], self.tc.temperature)
             l_st.append(x)
             l_ts.append(y)
         return torch.cat(l_st), torch.cat(l_ts)
 
     def _refined_bb_term(self, rng: np.random.Generator, frames: np.ndarray,
-                         refined: torch.Tensor, flat: torch.Tensor) -> torch.Tensor | None:
+                         maps: _Maps) -> torch.Tensor | None:
         """L_rfn-bb on best buddies of the refined features of ``pair_frames`` slot pairs."""
         from .best_buddies import refined_best_buddies
 
         src, tgt, xs, xt, ws, pair = [], [], [], [], [], []
         for n, (a, b) in enumerate(self._sample_slot_pairs(rng, len(frames))):
             with torch.autocast(self.device.type, enabled=False):
-                xa, xb, w = refined_best_buddies(refined[a].detach().float(),
-                                                 refined[b].detach().float(), self.geometry,
+                xa, xb, w = refined_best_buddies(maps.unit[a].detach().float(),
+                                                 maps.unit[b].detach().float(), self.geometry,
                                                  self.cfg.preprocess.best_buddies)
             if xa.shape[0] == 0:
                 continue
@@ -595,7 +657,7 @@ class Trainer:
             pair.append(np.full(len(pick), n))
         if not src:
             return None
-        l_st, l_ts = self._contrastive(refined, flat, np.concatenate(src), np.concatenate(tgt),
+        l_st, l_ts = self._contrastive(maps, np.concatenate(src), np.concatenate(tgt),
                                        torch.cat(xs), torch.cat(xt), np.concatenate(pair))
         return refined_bb_loss(l_st, l_ts, torch.cat(ws), self.tc.rfn_bb_norm)
 
@@ -626,27 +688,27 @@ class Trainer:
         terms: dict[str, torch.Tensor] = {}
         with self._amp():
             refined = self.model.refine(images, dino)
-            flat = refined.permute(0, 2, 3, 1).reshape(-1, refined.shape[1])
+            maps = _Maps.of(refined)
             if flow_pts is not None and len(flow_pts):
-                pred = self._predict(refined, flat, flow_pts.src, self._upload(flow_pts.xy_src),
+                pred = self._predict(maps, flow_pts.src, self._upload(flow_pts.xy_src),
                                      flow_pts.tgt)
                 terms["flow"] = flow_loss(pred, self._upload(flow_pts.xy_tgt), self.size,
                                           tc.huber_delta)
             if bb_pts is not None and len(bb_pts):
                 l_st, l_ts = self._contrastive(
-                    refined, flat, bb_pts.src, bb_pts.tgt, self._upload(bb_pts.xy_src),
+                    maps, bb_pts.src, bb_pts.tgt, self._upload(bb_pts.xy_src),
                     self._upload(bb_pts.xy_tgt), bb_pts.pair,
                 )
                 terms["dino_bb"] = dino_bb_loss(l_st, l_ts, self._upload(bb_pts.weight),
                                                 tc.dino_bb_norm)
             if refine_on and tc.w_rfn_bb > 0:
-                rfn = self._refined_bb_term(rng, frames, refined, flat)
+                rfn = self._refined_bb_term(rng, frames, maps)
                 if rfn is not None:
                     terms["rfn_bb"] = rfn
             if refine_on and tc.w_rfn_cc > 0:
                 cyc = self._sample_cycle(rng, frames)
                 if len(cyc):
-                    terms["rfn_cc"] = self._cycle_term(refined, flat, cyc)
+                    terms["rfn_cc"] = self._cycle_term(maps, cyc)
             if tc.w_prior > 0:
                 terms["prior_norm"], terms["prior_angle"] = prior_losses(refined, dino)
 
@@ -670,8 +732,7 @@ class Trainer:
         self.last_terms = dict(zip(names, values[1:], strict=True))
         return {"total": values[0], **self.last_terms}
 
-    def _cycle_term(self, refined: torch.Tensor, flat: torch.Tensor, cyc: _Points
-                    ) -> torch.Tensor:
+    def _cycle_term(self, maps: _Maps, cyc: _Points) -> torch.Tensor:
         """L_rfn-cc on cycle-consistent refined predictions.
 
         The forward prediction s -> t is the target of the forward term and is computed from
@@ -681,8 +742,8 @@ class Trainer:
         """
         xy_s = self._upload(cyc.xy_src)
         with torch.no_grad():
-            fwd = self._predict(refined, flat, cyc.src, xy_s, cyc.tgt)
-        back = self._predict(refined, flat, cyc.tgt, fwd, cyc.src)
+            fwd = self._predict(maps, cyc.src, xy_s, cyc.tgt)
+        back = self._predict(maps, cyc.tgt, fwd, cyc.src)
         with torch.no_grad():
             err = (back.float() - xy_s).norm(dim=-1)
             weight = torch.where(err <= self.tc.cycle_threshold,
@@ -703,9 +764,8 @@ class Trainer:
             if not len(pts):
                 continue
             images, dino = self._load_frames(frames)
-            refined = self.model.refine(images, dino)
-            flat = refined.permute(0, 2, 3, 1).reshape(-1, refined.shape[1])
-            pred = self._predict(refined, flat, pts.src, self._upload(pts.xy_src), pts.tgt)
+            maps = _Maps.of(self.model.refine(images, dino))
+            pred = self._predict(maps, pts.src, self._upload(pts.xy_src), pts.tgt)
             losses.append(float(flow_loss(pred, self._upload(pts.xy_tgt), self.size,
                                           self.tc.huber_delta)))
         self.model.train(was_training)
@@ -826,11 +886,20 @@ def train_workspace(
     Returns:
         The :class:`Trainer` after the last iteration (``model/model.pt`` is written).
     """
-    total = int(iterations or cfg.train.iterations)
+    total = _total_iterations(iterations, cfg)
     trainer = Trainer(ws, cfg, resolve_device(device or cfg.device))
     _prepare(trainer, resume)
     _run_training(trainer, total, progress=progress, cancel=cancel, start=start, end=end)
     return trainer
+
+
+def _total_iterations(iterations: int | None, cfg: Config) -> int:
+    """``iterations`` (None or 0: ``cfg.train.iterations``), checked like the setting."""
+    if iterations is not None and (isinstance(iterations, bool) or not isinstance(
+            iterations, int) or not 0 <= iterations <= 10_000_000):
+        raise ConfigError(f"iterations must be an integer in [0, 10000000] (0: the configured "
+                          f"default), got {iterations!r}")
+    return int(iterations or cfg.train.iterations)
 
 
 def _prepare(trainer: Trainer, resume: bool) -> None:
@@ -873,7 +942,7 @@ def train_clip(
     """
     if not isinstance(clip, Clip):
         clip = Clip.open(clip)
-    total = int(iterations or cfg.train.iterations)
+    total = _total_iterations(iterations, cfg)
     dev = resolve_device(cfg.device)
     model_dir = Path(clip.model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)

@@ -12,13 +12,37 @@ frame period, a low percentile of the recent stamp intervals, so it holds even w
 frames are lost) and reported every ``stats_period`` seconds and in ``save_clip``'s
 message.
 
+Drop policy (what happens to frames the recorder cannot keep, and where it is counted):
+
+1. **Transport** (``missed``): the camera subscription keeps the newest ``qos_depth``
+   samples (KEEP_LAST). When frames arrive faster than the callback converts them, or a
+   best-effort transport loses them, the oldest undelivered ones are overwritten. Nothing
+   ever queues without bound; such frames are counted from gaps in the header stamps.
+2. **Refusal** (``rejected``): a frame that cannot be converted (unknown encoding, wrong
+   ``step``/size, empty or corrupt data), has a negative stamp, a stamp that does not
+   increase, or a size/encoding other than the buffered frames' (until
+   ``format_reset_seconds`` pass) is dropped with a throttled warning.
+3. **Ring-buffer overwrite** (``evicted``): the buffer holds the newest ``buffer_frames``
+   frames and at most ``buffer_megabytes`` of RGB data; each new frame beyond either bound
+   evicts the oldest. This is the buffer's purpose (``save_clip`` looks back in time), so
+   memory stays bounded however long the node records.
+
+Every frame that arrives is counted exactly once as buffered, rejected or (later) evicted:
+``received == rejected + evicted + buffered``. The counters are logged every
+``stats_period`` seconds and appended to every ``save_clip`` answer.
+
 Services (their own callback group, so frames keep arriving while a clip is written):
 
 * ``save_clip`` (``SaveClip``): copies the newest ``duration`` seconds (0: the whole
   buffer), every ``stride``-th frame, out of the buffer and writes them atomically as a clip
   (:class:`~dino_tracker_ros.core.clip.ClipWriter`), then announces it on ``clips``.
 * ``list_clips`` (``ListClips``): rescans ``clip_dir`` (clips made by the CLI appear too) and
-  reports each clip's training state.
+  reports each clip's training state; malformed clip directories are skipped (logged).
+
+Disk errors (full disk, read-only ``clip_dir``, file size limit) answer ``success: false``
+with one line saying why and what to do; the partial clip is removed and the stored clips
+are untouched (see :mod:`~dino_tracker_ros.core.storage`). At startup the node removes the
+temporaries that a killed process left in ``clip_dir``.
 
 Large frames and best-effort QoS: Fast DDS's default transports lose many large frames
 sent best effort between processes (measured: 78 of 150 frames of 640x480 rgb8 at 30 fps);
@@ -50,11 +74,18 @@ from sensor_msgs.msg import CompressedImage, Image
 from dino_tracker_msgs.msg import ClipInfo
 from dino_tracker_msgs.srv import ListClips, SaveClip
 
-from ..core.clip import Clip, ClipWriter, default_clip_id, list_clips, validate_clip_id
+from ..core.clip import (
+    Clip,
+    ClipWriter,
+    default_clip_id,
+    list_clips,
+    sweep_clip_dir,
+    validate_clip_id,
+)
 from ..core.errors import ClipError, DinoTrackerError
 from .conversions import CLIP_STATES, ImageConverter, clip_info, stamp_to_ns
 from .params import CLIP_DIR, NodeParams, ParamSpec
-from .runtime import CLIPS_QOS, DEFAULT_NAMESPACE, run_nodes
+from .runtime import CLIPS_QOS, DEFAULT_NAMESPACE, SERVICE_QOS, run_nodes
 
 __all__ = ["BufferedFrame", "FrameBuffer", "RECORDER_PARAMS", "RecorderNode", "StreamStats",
            "main"]
@@ -108,7 +139,8 @@ class StreamStats:
         received: frames that arrived (accepted or not).
         rejected: frames refused (conversion failed, format change, stamp not increasing).
         missed: frames the camera sent that never arrived, estimated from stamp gaps.
-        evicted: buffered frames dropped to make room (ring-buffer overflow).
+        evicted: buffered frames dropped to make room (ring-buffer overflow), or cleared
+            when the stream switched to a new format.
         buffered: frames in the buffer now.
         buffered_bytes: bytes of RGB data in the buffer now.
     """
@@ -172,11 +204,17 @@ class FrameBuffer:
         with self._lock:
             return replace(self._stats, buffered=len(self._frames), buffered_bytes=self._bytes)
 
-    def reject(self) -> None:
-        """Count a frame that arrived but could not be converted."""
+    def reject(self, stamp_ns: int | None = None) -> None:
+        """Count a frame that arrived but could not be converted (or had a bad stamp).
+
+        Its stamp, when usable, still advances the gap count: a rejected frame is not
+        also counted as missed.
+        """
         with self._lock:
             self._stats = replace(self._stats, received=self._stats.received + 1,
                                   rejected=self._stats.rejected + 1)
+            if stamp_ns is not None:
+                self._note_arrival(stamp_ns)
 
     def push(self, frame: BufferedFrame, fmt: tuple) -> tuple[bool, str]:
         """Add a frame.
@@ -198,10 +236,13 @@ class FrameBuffer:
                     self._pending = (fmt, frame.stamp_ns)
                 if not self._reset_ns or frame.stamp_ns - self._pending[1] < self._reset_ns:
                     self._count_rejected()
+                    self._note_arrival(frame.stamp_ns)
                     return False, (f"frame format {_fmt(fmt)} differs from the buffered "
                                    f"{_fmt(self._format)}; rejected")
                 note = (f"frame format changed from {_fmt(self._format)} to {_fmt(fmt)}: "
                         f"buffer cleared ({len(self._frames)} frames dropped)")
+                self._stats = replace(self._stats,
+                                      evicted=self._stats.evicted + len(self._frames))
                 self._clear()
             self._pending = None
             if self._last_stamp is not None and frame.stamp_ns <= self._last_stamp:
@@ -232,6 +273,10 @@ class FrameBuffer:
     # -- internals (lock held) -----------------------------------------------------------
     def _count_rejected(self) -> None:
         self._stats = replace(self._stats, rejected=self._stats.rejected + 1)
+
+    def _note_arrival(self, stamp: int) -> None:
+        if self._last_stamp is None or stamp > self._last_stamp:
+            self._count_gap(stamp)
 
     def _count_gap(self, stamp: int) -> None:
         if self._last_stamp is not None:
@@ -293,6 +338,7 @@ class RecorderNode(Node):
                                    p("format_reset_seconds"))
         self.add_post_set_parameters_callback(self._on_params)
         self._converter = ImageConverter()
+        sweep_clip_dir(self.params.clip_dir())
 
         camera_group = MutuallyExclusiveCallbackGroup()
         service_group = MutuallyExclusiveCallbackGroup()
@@ -306,10 +352,10 @@ class RecorderNode(Node):
         self._sub = self.create_subscription(msg_type, self._topic, self._on_image, qos,
                                              callback_group=camera_group)
         self._clips_pub = self.create_publisher(ClipInfo, "clips", CLIPS_QOS)
-        self.create_service(SaveClip, "save_clip", self._on_save_clip,
+        self.create_service(SaveClip, "save_clip", self._on_save_clip, qos_profile=SERVICE_QOS,
                             callback_group=service_group)
         self.create_service(ListClips, "list_clips", self._on_list_clips,
-                            callback_group=service_group)
+                            qos_profile=SERVICE_QOS, callback_group=service_group)
         self._last_logged = StreamStats()
         self._last_log_time = time.monotonic()
         self.create_timer(float(p("stats_period")), self._log_stats, callback_group=camera_group)
@@ -336,6 +382,7 @@ class RecorderNode(Node):
     # -- camera ----------------------------------------------------------------------------
     def _on_image(self, msg) -> None:
         log = self.get_logger()
+        stamp = stamp_to_ns(msg.header.stamp) or self.get_clock().now().nanoseconds
         try:
             if self._compressed:
                 rgb = self._converter.compressed_to_rgb(msg)
@@ -344,10 +391,14 @@ class RecorderNode(Node):
                 rgb = self._converter.to_rgb(msg)
                 encoding = msg.encoding
         except Exception as exc:  # ImageEncodingError, CvBridgeError: keep going
-            self._buffer.reject()
+            self._buffer.reject(stamp if stamp >= 0 else None)
             log.warning(f"frame rejected: {exc}", throttle_duration_sec=5.0)
             return
-        stamp = stamp_to_ns(msg.header.stamp) or self.get_clock().now().nanoseconds
+        if stamp < 0:
+            self._buffer.reject()
+            log.warning(f"frame rejected: negative header stamp {stamp} ns",
+                        throttle_duration_sec=5.0)
+            return
         frame = BufferedFrame(stamp, rgb, self._frame_id_override or msg.header.frame_id)
         accepted, note = self._buffer.push(frame, (rgb.shape[0], rgb.shape[1], encoding))
         if not accepted:
@@ -423,7 +474,12 @@ class RecorderNode(Node):
         from ..core.trainer import train_status  # imports torch: only when asked
 
         infos = []
-        for clip in list_clips(self.params.clip_dir()):
+        try:
+            clips = list_clips(self.params.clip_dir())
+        except Exception as exc:  # an unreadable clip_dir must not take the node down
+            self.get_logger().error(f"list_clips: cannot scan {self.params.clip_dir()}: {exc}")
+            clips = []
+        for clip in clips:
             try:
                 status = train_status(clip)
                 state, message = CLIP_STATES[status.state], status.message

@@ -18,6 +18,24 @@
   ``track.*`` parameter empties the cache. READY announcements also preload the predictor
   on a background thread, off the service path.
 
+* ``track_live`` (``TrackLive``): starts (``enable: true``) or stops live tracking of query
+  points given on a trained clip's frames (empty ``clip_id``: the latest trained clip).
+  While on, the tracker subscribes to the camera (``image_topic``, ``compressed``,
+  ``reliability``, ``qos_depth``: the recorder's parameters, sensor-data QoS by default);
+  the camera callback only drops each frame into a one-slot hand-off (a newer frame
+  replaces one not yet taken: drop-oldest, counted as dropped) and ONE worker thread runs
+  :meth:`core.live.LivePredictor.step` on the newest frame and publishes, per processed
+  frame, a ``TrajectoryArray`` on ``live`` (``header``: the camera frame's stamp and frame
+  id; ``width``/``height``: the camera frame's size, the pixels of the positions; one
+  ``TrackPoint`` per trajectory, ``id`` = the query's index in the request), the markers
+  (a trail of the last ``overlay_trail`` live frames) and, when subscribed, the frame with
+  the points drawn on ``overlay``. Every ``live_stats_period`` seconds a log line reports
+  the processed rate, the stamp-to-publication latency (median, p90; the node's clock
+  against the camera stamps), the arrival-to-publication latency and the dropped and
+  rejected frames (also :meth:`TrackerNode.live_stats`). ``enable: false`` unsubscribes;
+  nothing is published for that session after the answer. Refusals (``success: false``):
+  unknown or untrained clip, bad queries, no queries.
+
 The tracker mirrors the whole core schema as parameters so one params file serves trainer
 and tracker alike, but only ``device`` and ``track.*`` affect it (a model's own settings
 come from its checkpoint); ``backbone.random_init: true`` makes it warn at startup.
@@ -27,7 +45,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,25 +54,39 @@ import numpy as np
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.parameter import Parameter
-from rclpy.qos import QoSProfile, ReliabilityPolicy
-from sensor_msgs.msg import Image
+from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+from sensor_msgs.msg import CompressedImage, Image
 from visualization_msgs.msg import MarkerArray
 
 from dino_tracker_msgs.msg import ClipInfo, TrajectoryArray
-from dino_tracker_msgs.srv import QueryTracks
+from dino_tracker_msgs.srv import QueryTracks, TrackLive
 
 from ..core.clip import Clip, list_clips, open_clip
 from ..core.errors import DinoTrackerError, NotTrainedError, QueryError
-from ..core.predictor import Predictor, TrackResult, grid_queries
+from ..core.live import LivePredictor, LiveResult
+from ..core.predictor import Predictor, TrackResult, grid_queries, validate_queries
 from ..core.render import draw_tracks
 from ..core.trainer import train_status
-from .conversions import queries_from_msg, rgb_to_image, trajectory_array
+from .conversions import (
+    ImageConverter,
+    queries_from_msg,
+    rgb_to_image,
+    stamp_to_ns,
+    trajectory_array,
+)
 from .markers import track_markers
 from .params import CLIP_DIR, DEVICE, PROFILE, NodeParams, ParamSpec
-from .runtime import CLIPS_QOS, DEFAULT_NAMESPACE, StoppableNode, run_nodes
+from .recorder import RECORDER_PARAMS
+from .runtime import CLIPS_QOS, DEFAULT_NAMESPACE, SERVICE_QOS, StoppableNode, run_nodes
 from .trainer import CONFIG_SECTIONS, RANDOM_INIT_WARNING
 
-__all__ = ["TRACKER_PARAMS", "TrackerNode", "latest_trained_clip", "main"]
+__all__ = ["CAMERA_PARAMS", "LiveStats", "TRACKER_PARAMS", "TrackerNode", "latest_trained_clip",
+           "main"]
+
+#: The camera parameters live tracking shares with the recorder (same names and meaning).
+CAMERA_PARAMS = tuple(s for s in RECORDER_PARAMS
+                      if s.name in ("image_topic", "compressed", "reliability", "qos_depth"))
+_LATENCY_WINDOW = 256  # recent frames the reported rate and latencies are computed over
 
 TRACKER_PARAMS = (
     CLIP_DIR,
@@ -70,7 +103,49 @@ TRACKER_PARAMS = (
               100.0),
     ParamSpec("preload", True, "open a clip's predictor in the background when it becomes "
               "READY"),
+    *CAMERA_PARAMS,
+    ParamSpec("live_stats_period", 5.0, "seconds between live-tracking statistics log lines",
+              0.1, 3600.0, read_only=True),
 )
+
+
+@dataclass(frozen=True)
+class LiveStats:
+    """Counters of the current live-tracking session (:meth:`TrackerNode.live_stats`).
+
+    Attributes:
+        active: live tracking is on.
+        clip_id: the clip whose model and queries are used.
+        queries: number of query points.
+        received: camera frames that arrived.
+        processed: frames tracked and published on ``live``.
+        dropped: frames replaced in the hand-off before the worker took them.
+        rejected: frames that could not be converted or tracked.
+        fps: processed frames per second over the recent window.
+        latency_ms: median stamp-to-publication latency (node clock - camera stamp).
+        latency_p90_ms: its 90th percentile.
+        pipeline_ms: median arrival-to-publication time inside the node.
+    """
+
+    active: bool = False
+    clip_id: str = ""
+    queries: int = 0
+    received: int = 0
+    processed: int = 0
+    dropped: int = 0
+    rejected: int = 0
+    fps: float = 0.0
+    latency_ms: float = float("nan")
+    latency_p90_ms: float = float("nan")
+    pipeline_ms: float = float("nan")
+
+    def line(self) -> str:
+        """One human-readable line."""
+        return (f"live '{self.clip_id}' ({self.queries} points): {self.fps:.2f} fps, latency "
+                f"stamp->publication median {self.latency_ms:.0f} ms (p90 "
+                f"{self.latency_p90_ms:.0f} ms), arrival->publication {self.pipeline_ms:.0f} "
+                f"ms; received {self.received}, processed {self.processed}, dropped "
+                f"{self.dropped}, rejected {self.rejected}")
 
 
 def latest_trained_clip(root: Path) -> Clip:
@@ -120,6 +195,18 @@ class TrackerNode(StoppableNode):
         self._stopping = False
         self._preloader = threading.Thread(target=self._preload_loop, name="tracker-preload",
                                            daemon=True)
+        # live tracking: the session, the one-slot hand-off, the worker and its counters
+        self._live_lock = threading.Condition()
+        self._live: LivePredictor | None = None
+        self._live_clip: Clip | None = None
+        self._live_session = 0
+        self._live_slot: tuple[int, Any, float] | None = None  # (session, msg, arrival)
+        self._live_trail: deque[LiveResult] = deque(maxlen=1)
+        self._live_counts = {"received": 0, "processed": 0, "dropped": 0, "rejected": 0}
+        self._live_times: deque[tuple[float, float, float]] = deque(maxlen=_LATENCY_WINDOW)
+        self._camera_sub = None
+        self._live_worker = threading.Thread(target=self._live_loop, name="tracker-live",
+                                             daemon=True)
         super().__init__(node_name, namespace=namespace, **kwargs)
         self.params = NodeParams(self, TRACKER_PARAMS, CONFIG_SECTIONS)
         cfg = self.params.config()
@@ -132,7 +219,7 @@ class TrackerNode(StoppableNode):
         self._markers_pub = self.create_publisher(MarkerArray, "markers", 10)
         self._overlay_pub = self.create_publisher(
             Image, "overlay", QoSProfile(depth=5, reliability=ReliabilityPolicy.RELIABLE))
-        self.create_service(QueryTracks, "query_tracks", self._on_query,
+        self.create_service(QueryTracks, "query_tracks", self._on_query, qos_profile=SERVICE_QOS,
                             callback_group=MutuallyExclusiveCallbackGroup())
         self.create_subscription(ClipInfo, "clips", self._on_clip_info, CLIPS_QOS,
                                  callback_group=MutuallyExclusiveCallbackGroup())
@@ -140,7 +227,15 @@ class TrackerNode(StoppableNode):
         if rate > 0:
             self.create_timer(1.0 / rate, self._overlay_tick,
                               callback_group=MutuallyExclusiveCallbackGroup())
+        self._live_pub = self.create_publisher(TrajectoryArray, "live", 10)
+        self._camera_group = MutuallyExclusiveCallbackGroup()
+        self._converter = ImageConverter()
+        self.create_service(TrackLive, "track_live", self._on_track_live, qos_profile=SERVICE_QOS,
+                            callback_group=MutuallyExclusiveCallbackGroup())
+        self.create_timer(float(self.params.value("live_stats_period")), self._log_live,
+                          callback_group=MutuallyExclusiveCallbackGroup())
         self._preloader.start()
+        self._live_worker.start()
         self.get_logger().info(f"ready: device {cfg.device}; clips in {self.params.clip_dir()}")
 
     # -- parameters ------------------------------------------------------------------------
@@ -207,9 +302,6 @@ class TrackerNode(StoppableNode):
             response.tracks = trajectory_array(clip, result.queries, result.tracks,
                                                result.visible, result.visibility,
                                                result.stamps_ns)
-            markers = track_markers(
-                result.tracks, result.visible, result.visibility, frame_id=clip.meta.frame_id,
-                image_size=clip.size, scale=float(self.params.value("marker_scale")))
         except DinoTrackerError as exc:
             response.success, response.message = False, str(exc)
             return response
@@ -222,11 +314,37 @@ class TrackerNode(StoppableNode):
         response.message = (f"tracked {n} points through {num_t} frames of '{clip.clip_id}' in "
                             f"{time.monotonic() - t0:.2f} s; {int(result.visible.sum())} of "
                             f"{result.visible.size} positions visible")
-        self._traj_pub.publish(response.tracks)
-        self._markers_pub.publish(markers)
+        self._publish_answer(response.tracks, clip, result)
         with self._overlay_lock:
             self._overlay = (clip, result, 0)
         return response
+
+    def _publish_answer(self, tracks: TrajectoryArray, clip: Clip, result: TrackResult) -> None:
+        """Publish an answer on ``trajectories`` and ``markers`` off the service thread.
+
+        The response goes out without waiting (an answer of 1,000 points over 50 frames
+        costs ~0.5 s to publish and ~0.2 s to draw as markers); answers are published in
+        order, each from its own thread that first waits for the previous one. A topic
+        without subscribers is skipped, its message not even built.
+        """
+        previous: threading.Thread | None = getattr(self, "_publishing", None)
+        scale = float(self.params.value("marker_scale"))
+
+        def publish() -> None:
+            if previous is not None:
+                previous.join()
+            try:
+                if self._traj_pub.get_subscription_count() > 0:
+                    self._traj_pub.publish(tracks)
+                if self._markers_pub.get_subscription_count() > 0:
+                    self._markers_pub.publish(track_markers(
+                        result.tracks, result.visible, result.visibility,
+                        frame_id=clip.meta.frame_id, image_size=clip.size, scale=scale))
+            except Exception as exc:  # e.g. the node was destroyed meanwhile
+                self.get_logger().warning(f"publishing an answer failed: {exc!r}")
+
+        self._publishing = threading.Thread(target=publish, name="tracker-publish", daemon=True)
+        self._publishing.start()
 
     def _track(self, request: QueryTracks.Request) -> tuple[Clip, TrackResult]:
         root = self.params.clip_dir()
@@ -264,14 +382,177 @@ class TrackerNode(StoppableNode):
         self._overlay_pub.publish(rgb_to_image(frame, int(result.stamps_ns[t]),
                                                clip.meta.frame_id))
 
+    # -- live tracking ---------------------------------------------------------------------
+    def live_stats(self) -> LiveStats:
+        """A snapshot of the live-tracking counters (rate and latencies over recent frames)."""
+        with self._live_lock:
+            live, times = self._live, list(self._live_times)
+            counts = dict(self._live_counts)
+        fps = 0.0
+        if len(times) > 1 and times[-1][0] > times[0][0]:
+            fps = (len(times) - 1) / (times[-1][0] - times[0][0])
+        lat = np.array([t[1] for t in times]) * 1e3
+        pipe = np.array([t[2] for t in times]) * 1e3
+        nan = float("nan")
+        return LiveStats(
+            active=live is not None, clip_id=live.clip_id if live else "",
+            queries=live.num_queries if live else 0, fps=fps,
+            latency_ms=float(np.median(lat)) if len(lat) else nan,
+            latency_p90_ms=float(np.percentile(lat, 90)) if len(lat) else nan,
+            pipeline_ms=float(np.median(pipe)) if len(pipe) else nan, **counts)
+
+    def _on_track_live(self, request: TrackLive.Request, response: TrackLive.Response):
+        try:
+            response.message = (self._start_live(request) if request.enable
+                                else self._stop_live())
+            response.success = True
+        except DinoTrackerError as exc:
+            response.success, response.message = False, str(exc)
+        except Exception as exc:  # a bug must not kill the node
+            self.get_logger().error(f"track_live failed: {exc!r}")
+            response.success, response.message = False, f"internal error: {exc!r}"
+        if response.success:
+            self.get_logger().info(response.message)
+        return response
+
+    def _start_live(self, request: TrackLive.Request) -> str:
+        root = self.params.clip_dir()
+        clip = open_clip(root, request.clip_id) if request.clip_id else latest_trained_clip(root)
+        queries = queries_from_msg(request.queries)
+        if len(queries) == 0:
+            raise QueryError("no queries: give query points on the clip's frames to track live "
+                             "(enable: false stops live tracking)")
+        limit = int(self.params.value("max_queries"))
+        if len(queries) > limit:
+            raise QueryError(f"{len(queries)} query points exceed max_queries={limit}; give "
+                             "fewer points")
+        validate_queries(queries, len(clip), clip.size)
+        live = LivePredictor.open(clip, queries, device=self._device,
+                                  track_cfg=self.params.config().track,
+                                  predictor=self._predictor(clip))
+        with self._live_lock:
+            self._live, self._live_clip = live, clip
+            self._live_session += 1
+            self._live_slot = None
+            self._live_trail = deque(maxlen=int(self.params.value("overlay_trail")) + 1)
+            self._live_counts = dict.fromkeys(self._live_counts, 0)
+            self._live_times.clear()
+            if self._camera_sub is None:
+                self._camera_sub = self._subscribe_camera()
+            topic = self._camera_sub.topic_name
+        kind = "CompressedImage" if self.params.value("compressed") else "Image"
+        return (f"live tracking {len(queries)} points of '{clip.clip_id}' on {topic} ({kind}, "
+                f"{self.params.value('reliability')}); results on {self._live_pub.topic_name}")
+
+    def _stop_live(self) -> str:
+        with self._live_lock:
+            was = self._live
+            stats = self.live_stats() if was is not None else None
+            self._live, self._live_clip = None, None
+            self._live_session += 1
+            self._live_slot = None
+            sub, self._camera_sub = self._camera_sub, None
+        if sub is not None:
+            self.destroy_subscription(sub)
+        if stats is None:
+            return "live tracking was not running"
+        return f"live tracking stopped; {stats.line()}"
+
+    def _subscribe_camera(self):
+        p = self.params.value
+        qos = QoSProfile(
+            history=HistoryPolicy.KEEP_LAST, depth=int(p("qos_depth")),
+            reliability=(ReliabilityPolicy.RELIABLE if p("reliability") == "reliable"
+                         else ReliabilityPolicy.BEST_EFFORT),
+            durability=DurabilityPolicy.VOLATILE,
+        )
+        msg_type = CompressedImage if p("compressed") else Image
+        return self.create_subscription(msg_type, str(p("image_topic")), self._on_camera, qos,
+                                        callback_group=self._camera_group)
+
+    def _on_camera(self, msg) -> None:
+        """Hand the newest frame to the worker (drop-oldest, one slot)."""
+        with self._live_lock:
+            if self._live is None:
+                return
+            self._live_counts["received"] += 1
+            if self._live_slot is not None:
+                self._live_counts["dropped"] += 1
+            self._live_slot = (self._live_session, msg, time.monotonic())
+            self._live_lock.notify()
+
+    def _live_loop(self) -> None:
+        while True:
+            with self._live_lock:
+                while self._live_slot is None and not self._stopping:
+                    self._live_lock.wait()
+                if self._stopping:
+                    return
+                (session, msg, arrival), self._live_slot = self._live_slot, None
+                live, clip = self._live, self._live_clip
+            if live is None or clip is None:
+                continue
+            try:
+                self._process_live(live, clip, session, msg, arrival)
+            except Exception as exc:  # a bad frame must not end live tracking
+                with self._live_lock:
+                    self._live_counts["rejected"] += 1
+                self.get_logger().warning(f"live frame rejected: {exc}",
+                                          throttle_duration_sec=5.0)
+
+    def _process_live(self, live: LivePredictor, clip: Clip, session: int, msg: Any,
+                      arrival: float) -> None:
+        if isinstance(msg, CompressedImage):
+            rgb = self._converter.compressed_to_rgb(msg)
+        else:
+            rgb = self._converter.to_rgb(msg)
+        stamp = stamp_to_ns(msg.header.stamp) or self.get_clock().now().nanoseconds
+        result = live.step(rgb, stamp)
+        frame_id = msg.header.frame_id or clip.meta.frame_id
+        out = trajectory_array(clip, live.queries, result.positions[:, None],
+                               result.visible[:, None], result.visibility[:, None], [stamp])
+        out.width, out.height = result.size_hw[1], result.size_hw[0]
+        out.header.frame_id = frame_id  # the stamp is the frame's (stamps_ns above)
+        with self._live_lock:
+            if session != self._live_session:
+                return  # stopped or restarted meanwhile: publish nothing of the old session
+            trail = self._live_trail
+            if trail and trail[-1].size_hw != result.size_hw:
+                trail.clear()
+            trail.append(result)
+            tracks = np.stack([r.positions for r in trail], axis=1)  # (N, K, 2)
+            visible = np.stack([r.visible for r in trail], axis=1)
+            score = np.stack([r.visibility for r in trail], axis=1)
+            self._live_pub.publish(out)
+            now = time.monotonic()
+            self._live_counts["processed"] += 1
+            self._live_times.append(
+                (now, (self.get_clock().now().nanoseconds - stamp) / 1e9, now - arrival))
+        if self._markers_pub.get_subscription_count():
+            self._markers_pub.publish(track_markers(
+                tracks, visible, score, frame_id=frame_id, image_size=result.size_hw,
+                scale=float(self.params.value("marker_scale"))))
+        if self._overlay_pub.get_subscription_count():
+            img = draw_tracks(rgb, tracks, visible, tracks.shape[1] - 1,
+                              trail=tracks.shape[1] - 1)
+            self._overlay_pub.publish(rgb_to_image(img, stamp, frame_id))
+
+    def _log_live(self) -> None:
+        stats = self.live_stats()
+        if stats.active and stats.received:
+            self.get_logger().info(stats.line())
+
     # -- shutdown --------------------------------------------------------------------------
     def stop(self) -> None:
-        """End the preloading thread."""
+        """End the preloading and live-tracking threads."""
         with self._preload_wake:
             self._stopping = True
             self._preload_wake.notify_all()
-        if self._preloader.is_alive() and threading.current_thread() is not self._preloader:
-            self._preloader.join(30.0)
+        with self._live_lock:
+            self._live_lock.notify_all()
+        for thread in (self._preloader, self._live_worker):
+            if thread.is_alive() and threading.current_thread() is not thread:
+                thread.join(30.0)
 
 
 def main(args: list[str] | None = None) -> int:

@@ -27,11 +27,21 @@ updates are ignored), and, at startup, resumes clips whose last training was int
 
 A randomly initialised backbone (``backbone.random_init: true``) is only used when set
 explicitly; the node then warns at startup and in every result message.
+
+Crashes and disk errors: a job interrupted by ``kill -9`` leaves the clip's last checkpoint
+and the finished preprocessing stages; ``list_clips`` then reports the clip FAILED with
+``interrupted at iteration k; train again to resume``, and the next ``train_clip`` (or the
+restart with ``auto_train``) resumes from that checkpoint, skipping finished stages. A full
+or read-only disk aborts the goal with the one-line reason (nothing half-written is kept).
+The worker thread survives any error of a job. At startup the node removes temporaries that
+a killed process left in ``clip_dir``.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import socket
 import threading
 import time
 from collections import deque
@@ -45,14 +55,15 @@ from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallb
 from dino_tracker_msgs.action import TrainClip
 from dino_tracker_msgs.msg import ClipInfo
 
-from ..core.clip import Clip, list_clips, open_clip
+from ..core.clip import Clip, list_clips, open_clip, sweep_clip_dir
 from ..core.config import Config
 from ..core.errors import Cancelled, DinoTrackerError
 from ..core.progress import CancelToken, Progress
+from ..core.storage import disk_error, load_optional_json
 from ..core.trainer import train_clip, train_status
 from .conversions import CLIP_STATES, clip_info
 from .params import CLIP_DIR, DEVICE, PROFILE, NodeParams, ParamSpec
-from .runtime import CLIPS_QOS, DEFAULT_NAMESPACE, StoppableNode, run_nodes
+from .runtime import CLIPS_QOS, DEFAULT_NAMESPACE, SERVICE_QOS, StoppableNode, run_nodes
 
 __all__ = ["CONFIG_SECTIONS", "RANDOM_INIT_WARNING", "TRAINER_PARAMS", "TrainerNode", "main"]
 
@@ -135,6 +146,9 @@ class TrainerNode(StoppableNode):
             handle_accepted_callback=self._on_accepted,
             cancel_callback=self._on_cancel,
             callback_group=group,
+            goal_service_qos_profile=SERVICE_QOS,
+            result_service_qos_profile=SERVICE_QOS,
+            cancel_service_qos_profile=SERVICE_QOS,
             result_timeout=3600,
         )
         self._clips_pub = self.create_publisher(ClipInfo, "clips", CLIPS_QOS)
@@ -142,6 +156,7 @@ class TrainerNode(StoppableNode):
                                  callback_group=MutuallyExclusiveCallbackGroup())
         self.create_timer(float(self.params.value("feedback_period")), self._publish_feedback,
                           callback_group=group)
+        sweep_clip_dir(self.params.clip_dir())
         self._worker.start()
         if self.params.value("auto_train"):
             self._resume_interrupted()
@@ -283,6 +298,10 @@ class TrainerNode(StoppableNode):
                 job.goal.execute()
             try:
                 self._run(job)
+            except Exception as exc:  # the worker must outlive any job
+                self.get_logger().error(f"training of '{job.clip_id}' ended badly: {exc!r}")
+                if not job.done.is_set():
+                    job.finish("aborted", f"internal error: {exc!r}")
             finally:
                 with self._lock:
                     self._current = None
@@ -311,8 +330,9 @@ class TrainerNode(StoppableNode):
             self._announce_status(clip, message)
             log.info(message)
             return
-        except DinoTrackerError as exc:
-            message = str(exc)
+        except (DinoTrackerError, OSError) as exc:
+            message = (str(exc) if isinstance(exc, DinoTrackerError)
+                       else str(disk_error(exc.filename or job.clip_id, exc)))
             job.finish("aborted", message)
             self._announce_status(clip, message, failed=True)
             log.error(f"training of '{job.clip_id}' failed: {message}")
@@ -355,11 +375,31 @@ class TrainerNode(StoppableNode):
         """Publish the clip's stored state after a job ended early."""
         if clip is None:
             return
+        self._drop_stale_status(clip)
         if failed:
             self._announce(clip, ClipInfo.STATE_FAILED, message)
             return
-        state = CLIP_STATES.get(train_status(clip).state, ClipInfo.STATE_RECORDED)
+        try:
+            state = CLIP_STATES.get(train_status(clip).state, ClipInfo.STATE_RECORDED)
+        except DinoTrackerError:  # the clip vanished or broke meanwhile
+            state = ClipInfo.STATE_FAILED
         self._announce(clip, state, message)
+
+    def _drop_stale_status(self, clip: Clip) -> None:
+        """A job that ended could not always record it (a full disk refuses even the small
+        ``train.json``): a record still saying ``training`` for this live process would show
+        the clip as TRAINING until the node restarts. Remove it (an unlink needs no space);
+        the clip then reads as its model files say (READY with a model, else RECORDED)."""
+        path = clip.model_dir / "train.json"
+        try:
+            rec = load_optional_json(path)
+            if (isinstance(rec, dict) and rec.get("state") == "training"
+                    and rec.get("pid") == os.getpid()
+                    and rec.get("host") == socket.gethostname()):  # ours, no other job's
+                path.unlink(missing_ok=True)
+                self.get_logger().warning(f"removed the stale training record {path}")
+        except (ValueError, OSError) as exc:
+            self.get_logger().warning(f"cannot clear the training record {path}: {exc}")
 
     # -- shutdown --------------------------------------------------------------------------
     def stop(self) -> None:

@@ -47,7 +47,7 @@ def test_info_nce_matches_a_hand_computation() -> None:
     src_q = fs[:, 1, 2][None]
     tgt_q = ft[:, 2, 3][None]
     tau = 0.1
-    l_st, l_ts = info_nce(src_q, tgt_q, fs, ft, tau)
+    l_st, l_ts = info_nce(src_q, tgt_q, F.normalize(fs, dim=0), F.normalize(ft, dim=0), tau)
 
     def cos(a: np.ndarray, b: np.ndarray) -> float:
         return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))

@@ -199,3 +199,61 @@ def test_head_runs_on_cost_maps_under_bf16_autocast() -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         pred = head(q, feats)
     assert pred.dtype == torch.float32 and torch.isfinite(pred).all()
+
+
+def test_soft_argmax_stays_in_the_disc_when_the_map_peaks_far_outside() -> None:
+    # An untrained refiner gives logits in the hundreds: a whole-map softmax would put all
+    # its mass at the far peak and underflow inside the disc. The disc's own softmax is exact.
+    head = TrackerHead(GEOM, CFG)  # R = 20 px
+    true = torch.tensor([45.3, 51.7])
+    logits = _gaussian_logits(true, 6.0)
+    far = torch.from_numpy(GEOM.token_centres())[10, 18]  # ~90 px away
+    logits = logits.clone()
+    logits[10, 18] = 500.0
+    peak = _gaussian_logits(true, 6.0).flatten().argmax()
+    got = head.soft_argmax(logits, peak)
+    centres = torch.from_numpy(GEOM.token_centres()).reshape(-1, 2).double()
+    flat = logits.flatten().double()
+    inside = (centres - centres[peak]).square().sum(-1) <= 20.0**2
+    w = torch.exp(flat[inside] - flat[inside].max())
+    want = (w[:, None] * centres[inside]).sum(0) / w.sum()
+    assert float((got.double() - want).norm()) < 1e-4
+    assert float((got - far).norm()) > 60.0
+    assert float((got - true).norm()) < 1.0
+
+
+def test_windowed_head_matches_the_full_map_head_in_values_and_gradients() -> None:
+    torch.manual_seed(3)
+    head = TrackerHead(GEOM, CFG)  # randomly initialised refiner: logits in the hundreds
+    feats = F.normalize(torch.randn(1, 32, *GEOM.grid_hw), dim=1)
+    q = F.normalize(feats[0, :, [2, 7, 14], [3, 10, 20]].T[None] + 0.3 * torch.randn(1, 3, 32),
+                    dim=-1)
+    cost = torch.einsum("bqc,bchw->bqhw", q, feats)
+    results = []
+    for fn in (head.locate, head.locate_windowed):
+        c = cost.clone().requires_grad_(True)
+        head.zero_grad()
+        pos = fn(c)
+        (pos * torch.tensor([1.0, -2.0])).sum().backward()
+        grads = [p.grad.clone() for p in head.parameters()]
+        results.append((pos.detach(), c.grad.clone(), grads))
+    (p_full, g_full, w_full), (p_win, g_win, w_win) = results
+    assert float((p_full - p_win).abs().max()) < 1e-3
+    assert float(g_full.abs().max()) > 0  # the head is differentiable here
+    assert torch.allclose(g_full, g_win, atol=1e-5 * float(g_full.abs().max()))
+    scale = max(float(a.abs().max()) for a in w_full)
+    for a, b in zip(w_full, w_win, strict=True):  # the last bias's gradient is exactly 0
+        assert torch.allclose(a, b, rtol=1e-3, atol=1e-5 * scale)
+
+
+def test_blur_pool_is_the_binomial_filter() -> None:
+    from dino_tracker_ros.core.model import BlurPool
+
+    k1 = torch.tensor([1.0, 3.0, 3.0, 1.0])
+    kernel = (torch.outer(k1, k1) / 64.0).expand(4, 1, 4, 4)
+    for hw in ((9, 12), (10, 13), (31, 30)):
+        x = torch.randn(2, 4, *hw)
+        want = F.conv2d(F.pad(x, (1, 2, 1, 2), mode="reflect"), kernel, stride=2, groups=4)
+        got = BlurPool(4)(x)
+        assert got.shape == want.shape == (2, 4, (hw[0] + 1) // 2, (hw[1] + 1) // 2)
+        assert torch.allclose(got, want, atol=1e-6)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from dino_tracker_ros.core.clip import open_clip, write_clip
+from dino_tracker_ros.core.errors import ConfigError
 from dino_tracker_ros.core.synthetic import (
     LAYER_NAMES,
     GroundTruth,
@@ -188,3 +189,10 @@ def test_ground_truth_validation_and_round_trip(tmp_path):
     assert back.layers is None and back.tracks.shape == (3, 4, 2)
     with pytest.raises(ValueError):
         GroundTruth(np.zeros((3, 4, 2)), np.zeros((3, 5)), np.zeros((3, 3)))
+
+
+@pytest.mark.parametrize("args", [(0, 64, 64), (4, 31, 64), (4, 64, 16)])
+def test_bad_scene_sizes_are_user_errors(args):
+    with pytest.raises(ConfigError, match="synthetic clip needs") as err:
+        SyntheticScene(*args)
+    assert "\n" not in str(err.value)

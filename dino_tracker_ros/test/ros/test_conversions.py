@@ -112,6 +112,40 @@ def test_trajectory_array_and_clip_info(tmp_path):
         np.testing.assert_allclose([p.visibility for p in traj.points], score[i], rtol=1e-6)
 
 
+def test_fast_message_building_equals_the_constructors(tmp_path, monkeypatch):
+    from rclpy.serialization import deserialize_message, serialize_message
+
+    import dino_tracker_ros.ros.conversions as conv
+    import dino_tracker_ros.ros.markers as mk
+    from dino_tracker_msgs.msg import TrackPoint, TrajectoryArray
+
+    stamps = [10**18 + k * 33_000_000 for k in range(6)]
+    clip = write_clip(tmp_path, "c", [RGB] * 6, fps=30.0, stamps_ns=stamps, frame_id="cam")
+    q = np.array([[1, 2.5, 3.0], [0, 0.0, 4.0], [5, 6.0, 1.0]])
+    tracks = RNG.uniform(0, 5, (3, 6, 2)).astype(np.float32)
+    vis = RNG.random((3, 6)) > 0.4
+    score = RNG.random((3, 6)).astype(np.float32)
+    assert conv._FAST_TRACK_POINT and mk._FAST_POINT and mk._FAST_COLOUR  # rclpy's layout
+    fast = conv.trajectory_array(clip, q, tracks, vis, score)
+    fast_markers = track_markers(tracks, vis, score, frame_id="cam", image_size=(5, 7),
+                                 scale=0.01)
+    for module, flag in ((conv, "_FAST_TRACK_POINT"), (mk, "_FAST_POINT"),
+                         (mk, "_FAST_COLOUR")):
+        monkeypatch.setattr(module, flag, False)
+    plain = conv.trajectory_array(clip, q, tracks, vis, score)
+    assert fast == plain
+    assert deserialize_message(serialize_message(fast), TrajectoryArray) == plain
+    assert fast_markers == track_markers(tracks, vis, score, frame_id="cam", image_size=(5, 7),
+                                         scale=0.01)
+    sample = {"stamp": ns_to_stamp(5), "x": 1.0, "y": 2.0, "visible": False,
+              "visibility": 0.25}
+    assert conv.fills_slots(TrackPoint, sample)
+    assert not conv.fills_slots(TrackPoint, {**sample, "extra": 1})
+    assert not conv.fills_slots(QueryPoint, sample)
+    monkeypatch.setenv("ROS_PYTHON_CHECK_FIELDS", "1")  # checks asked for: the constructors
+    assert not conv.fills_slots(TrackPoint, sample)
+
+
 def test_markers_layout():
     tracks = np.array([[[0.0, 0.0], [10.0, 20.0], [30.0, 40.0]],
                        [[5.0, 5.0], [6.0, 6.0], [7.0, 7.0]]])
