@@ -53,7 +53,8 @@ docs: setup
 BENCH_ARGS ?=
 bench: setup
 	@$(ENV) python bench/accuracy.py $(BENCH_ARGS) && python bench/speed.py $(BENCH_ARGS) \
-		&& python bench/ros_service.py && python bench/live.py
+		&& python bench/ros_service.py $(BENCH_ARGS) \
+		&& python bench/live.py $(BENCH_ARGS) && python bench/paper.py $(BENCH_ARGS)
 
 clean:
 	rm -rf "$(ROOT)/build" "$(ROOT)/install" "$(ROOT)/log"

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
@@ -27,7 +26,7 @@ from .config import BestBuddyConfig
 from .errors import ClipError
 from .geometry import GridGeometry
 from .progress import CancelToken, ProgressCallback, StageReporter
-from .storage import create_array, open_array
+from .storage import create_array, open_array, temp_file
 
 if TYPE_CHECKING:
     from .flow import FlowTracks
@@ -296,10 +295,7 @@ def compute_best_buddies(
     reporter = StageReporter(progress, "best_buddies", len(pairs), start, end, cancel)
     reporter.update(0)
     radius = float(geometry.stride)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out_path.name}.rows.", suffix=".tmp",
-                                    dir=out_path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = temp_file(out_path.parent, f"{out_path.name}.rows")
     cached: tuple[int, torch.Tensor] = (-1, torch.empty(0))
     total = found = 0
     try:

@@ -27,7 +27,6 @@ import contextlib
 import dataclasses
 import logging
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Union
@@ -38,7 +37,7 @@ import numpy as np
 from .config import FlowConfig
 from .errors import ClipError, ConfigError, WeightsError
 from .progress import CancelToken, ProgressCallback, StageReporter
-from .storage import create_array, open_array, read_json, write_json_atomic
+from .storage import create_array, open_array, read_json, temp_file, write_json_atomic
 
 __all__ = [
     "DisFlow",
@@ -399,10 +398,9 @@ class _TrackSink:
         self.num_ids = 0
 
     def _tmp(self, what: str) -> Path:
-        fd, name = tempfile.mkstemp(prefix=f".flow_{what}.", suffix=".tmp", dir=self.out_dir)
-        os.close(fd)
-        self._temps.append(Path(name))
-        return Path(name)
+        path = temp_file(self.out_dir, f"flow_{what}")
+        self._temps.append(path)
+        return path
 
     def new_ids(self, n: int) -> np.ndarray:
         ids = np.arange(self.num_ids, self.num_ids + n, dtype=np.int64)

@@ -99,8 +99,6 @@ cfg = load_config(profile="tiny", device="cpu", overrides=sys.argv[4:])
 preprocess_clip(sys.argv[3], cfg)
 print("done", flush=True)
 """
-#: scratch files of core/flow.py and core/best_buddies.py (plain mkstemp names)
-UNTAGGED = re.compile(r"^\.(flow_\w+|best_buddies\.npy\.rows)\.[a-z0-9_]{8}\.tmp$")
 
 
 def run_child(code: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -261,10 +259,7 @@ def test_kill_while_preprocessing_and_training_then_resume(tmp_path):
     assert tracks.tracks.shape == (4, len(clip), 2) and np.isfinite(tracks.tracks).all()
     left = temps(clip.path.parent)
     removed = sweep_clip_dir(clip.path.parent)
-    # core/flow.py and core/best_buddies.py create their scratch files with plain
-    # tempfile.mkstemp (no owner in the name), so they cannot be swept yet (see the report).
-    assert all(UNTAGGED.match(p.name) for p in temps(clip.path.parent))
-    assert set(removed) == {p for p in left if not UNTAGGED.match(p.name)}
+    assert temps(clip.path.parent) == [] and set(removed) == set(left)  # all swept
     print(f"training-job kills (K, state after the kill): {history}; resumed from "
           f"{result.resumed_from}; {len(removed)} temporaries swept")
     _stage_rerun_killed_before_its_record(clip)
