@@ -115,7 +115,9 @@ def test_60fps_stream_memory_drops_and_kill_during_save(node_process, make_clien
     c = counters(final.message)
     assert c["received"] == c["rejected"] + c["evicted"] + c["buffered"]  # each frame once
     assert c["rejected"] == 0 and c["buffered"] == BUFFER
-    assert c["evicted"] == c["received"] - BUFFER > 10 * BUFFER  # wrapped many times
+    # the buffer wrapped many times (how many frames a loaded 2-core machine takes in varies:
+    # 2641 of 2700 on a quiet run, 1306 during a full CI run)
+    assert c["evicted"] == c["received"] - BUFFER > 5 * BUFFER
     # every published frame arrived or is counted as missed; uncounted can only be frames
     # lost before the first or after the last received one (discovery at the start, the
     # keep-last queue and best effort at the very end): a handful
