@@ -26,13 +26,14 @@ import re
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import cv2
 import numpy as np
 from machine import describe_machine
+
+from dino_tracker_ros.demo import RosClient
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NS = "/dt_bench_live"
@@ -51,49 +52,25 @@ def _start_tracker(clip_dir: Path, profile: str, out: Path) -> subprocess.Popen:
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
 
 
-class _Client:
+class _Client(RosClient):
     """Camera publisher, ``live`` subscriber and ``track_live`` client."""
 
     def __init__(self) -> None:
-        import rclpy
-        from rclpy.executors import SingleThreadedExecutor
         from rclpy.qos import QoSProfile, ReliabilityPolicy
-        from sensor_msgs.msg import Image
 
         from dino_tracker_msgs.msg import TrajectoryArray
         from dino_tracker_msgs.srv import TrackLive
 
-        self.rclpy = rclpy
-        rclpy.init(args=[])
-        self.node = rclpy.create_node("bench_live")
-        qos = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
-        self.camera = self.node.create_publisher(Image, CAMERA, qos)
+        super().__init__("bench_live", CAMERA, depth=10)
         self.track_live = self.node.create_client(TrackLive, f"{NS}/track_live")
         self.received: list[tuple[int, int]] = []  # (arrival ns, stamp ns)
-        self.node.create_subscription(TrajectoryArray, f"{NS}/live", self._on_live, qos)
-        self.executor = SingleThreadedExecutor()
-        self.executor.add_node(self.node)
-        self._spin = threading.Thread(target=self.executor.spin, daemon=True)
-        self._spin.start()
+        self.node.create_subscription(
+            TrajectoryArray, f"{NS}/live", self._on_live,
+            QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE))
 
     def _on_live(self, msg) -> None:
         stamp = msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec
         self.received.append((time.time_ns(), stamp))
-
-    def call(self, request, timeout: float = 300.0):
-        future = self.track_live.call_async(request)
-        deadline = time.monotonic() + timeout
-        while not future.done():
-            if time.monotonic() > deadline:
-                raise RuntimeError("no answer from track_live")
-            time.sleep(0.01)
-        return future.result()
-
-    def close(self) -> None:
-        self.executor.shutdown()
-        self._spin.join(timeout=5)
-        self.node.destroy_node()
-        self.rclpy.try_shutdown()
 
 
 def _stream(client: _Client, frames: list[np.ndarray], fps: float, seconds: float) -> int:
@@ -184,8 +161,8 @@ def main() -> int:
         live_frames = {hw: [cv2.resize(f, (hw[1], hw[0]), interpolation=cv2.INTER_LINEAR)
                             if f.shape[:2] != hw else f for f in frames[12:]] for hw in SIZES}
         for hw in SIZES:
-            ans = client.call(TrackLive.Request(clip_id="bench_live", queries=points,
-                                                enable=True))
+            request = TrackLive.Request(clip_id="bench_live", queries=points, enable=True)
+            ans = client.call(client.track_live, request, timeout=300)
             if not ans.success:
                 raise RuntimeError(ans.message)
             while client.camera.get_subscription_count() == 0:
@@ -197,7 +174,7 @@ def main() -> int:
             stream_s = time.monotonic() - t_start
             time.sleep(2.0)  # the last frame's answer
             got = list(client.received)
-            stopped = client.call(TrackLive.Request(enable=False))
+            stopped = client.call(client.track_live, TrackLive.Request(enable=False), timeout=300)
             counts = dict(re.findall(r"(received|processed|dropped|rejected) (\d+)",
                                      stopped.message))
             node = re.search(r"stamp->publication median (\d+) ms \(p90 (\d+) ms\)",

@@ -39,7 +39,6 @@ import torch.nn.functional as F
 from machine import describe_machine
 
 from dino_tracker_ros.core.predictor import Predictor
-from dino_tracker_ros.core.visibility import agreement_visibility, select_anchors
 from dino_tracker_ros.demo import CAMERA_TOPIC, NS, _Client, _ros_environment, _stream, _train
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -110,37 +109,8 @@ class BaselinePredictor(Predictor):
             out.append(_baseline_locate(self.model.head, cost, qn.dtype).reshape(*lead, -1, 2))
         return torch.cat(out, dim=-2)
 
-    def _track_working(self, frames: np.ndarray, xy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        cfg, eps = self.track_cfg, 1e-8
-        qn, num_t, dev = len(frames), self.num_frames, self.device
-        qf = self.query_features(frames, xy)
-        qn_ = F.normalize(qf, dim=-1, eps=eps)
-        traj = torch.empty(qn, num_t, 2, device=dev)
-        cos = torch.empty(qn, num_t, device=dev)
-        src = torch.empty(qn, num_t, qf.shape[1], device=dev, dtype=self.anchor_dtype)
-        fb = max(1, int(cfg.frame_batch))
-        for t0 in range(0, num_t, fb):
-            t1 = min(t0 + fb, num_t)
-            target = self._frames(t0, t1)
-            pred = self._predict(qn_[None], F.normalize(target, dim=1, eps=eps).flatten(2))
-            at = F.normalize(self.model.sample(target, pred), dim=-1, eps=eps)
-            traj[:, t0:t1] = pred.transpose(0, 1)
-            src[:, t0:t1] = at.transpose(0, 1).to(src.dtype)
-            cos[:, t0:t1] = (at * qn_[None]).sum(-1).transpose(0, 1)
-        rows = torch.arange(qn, device=dev)
-        kq = torch.as_tensor(frames, device=dev)
-        traj[rows, kq] = torch.as_tensor(xy, dtype=torch.float32, device=dev)
-        src[rows, kq] = qn_.to(src.dtype)
-        cos[rows, kq] = 1.0
-        anchors, valid = select_anchors(cos, kq, cfg.anchor_cos, cfg.max_anchors)
-        cycle = torch.zeros(qn, anchors.shape[1], num_t, 2, device=dev)
-        for a in torch.unique(anchors[valid]).tolist():
-            qi, si = torch.nonzero((anchors == a) & valid, as_tuple=True)
-            tn = F.normalize(self._frames(a, a + 1)[0], dim=0, eps=eps).flatten(1)
-            pts = self._predict(src[qi].reshape(-1, src.shape[-1]), tn.to(src.dtype))
-            cycle[qi, si] = pts.reshape(len(qi), num_t, 2)
-        vis = agreement_visibility(cycle, traj, anchors, valid, cos, kq, cfg.occlusion_cos)
-        return traj.cpu().numpy(), vis.score.cpu().numpy()
+    def _unit(self, t0: int, t1: int, dtype: torch.dtype) -> torch.Tensor:
+        return F.normalize(self._frames(t0, t1), dim=1, eps=1e-8).flatten(2).to(dtype)
 
 
 # -- message costs --------------------------------------------------------------------------

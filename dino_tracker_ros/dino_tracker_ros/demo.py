@@ -150,31 +150,21 @@ def _stop_nodes(proc: subprocess.Popen) -> int:
     return proc.returncode
 
 
-class _Client:
-    """The demo's own ROS node: camera publisher and service/action client."""
+class RosClient:
+    """A client-side ROS node spinning on a background thread, with a reliable camera
+    publisher (used by the demo and the benchmarks). Subclasses add their clients."""
 
-    def __init__(self) -> None:
+    def __init__(self, name: str, camera_topic: str, depth: int) -> None:
         import rclpy
-        from rclpy.action import ActionClient
         from rclpy.executors import SingleThreadedExecutor
         from rclpy.qos import QoSProfile, ReliabilityPolicy
         from sensor_msgs.msg import Image
 
-        from dino_tracker_msgs.action import TrainClip
-        from dino_tracker_msgs.msg import TrajectoryArray
-        from dino_tracker_msgs.srv import QueryTracks, SaveClip
-
         self.rclpy = rclpy
         rclpy.init(args=[])
-        self.node = rclpy.create_node("dino_tracker_demo")
+        self.node = rclpy.create_node(name)
         self.camera = self.node.create_publisher(
-            Image, CAMERA_TOPIC, QoSProfile(depth=50, reliability=ReliabilityPolicy.RELIABLE))
-        self.save = self.node.create_client(SaveClip, f"{NS}/save_clip")
-        self.query = self.node.create_client(QueryTracks, f"{NS}/query_tracks")
-        self.train = ActionClient(self.node, TrainClip, f"{NS}/train_clip")
-        self.published: list[TrajectoryArray] = []
-        self.node.create_subscription(TrajectoryArray, f"{NS}/trajectories",
-                                      self.published.append, 10)
+            Image, camera_topic, QoSProfile(depth=depth, reliability=ReliabilityPolicy.RELIABLE))
         self.executor = SingleThreadedExecutor()
         self.executor.add_node(self.node)
         self._spin = threading.Thread(target=self._spin_forever, daemon=True)
@@ -186,19 +176,8 @@ class _Client:
         except Exception:  # shutdown races end the spin thread
             pass
 
-    def wait_ready(self, proc: subprocess.Popen, timeout: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError("the nodes exited during start-up; see demo_out/nodes.log")
-            if (self.save.service_is_ready() and self.query.service_is_ready()
-                    and self.train.server_is_ready()
-                    and self.camera.get_subscription_count() > 0):
-                return
-            time.sleep(0.1)
-        raise RuntimeError("the nodes did not come up in time; see demo_out/nodes.log")
-
     def call(self, client, request, timeout: float):
+        """Call service ``client`` and wait for the answer (RuntimeError after ``timeout``)."""
         future = client.call_async(request)
         deadline = time.monotonic() + timeout
         while not future.done():
@@ -212,6 +191,37 @@ class _Client:
         self._spin.join(timeout=5)
         self.node.destroy_node()
         self.rclpy.try_shutdown()
+
+
+class _Client(RosClient):
+    """The demo's own ROS node: camera publisher and service/action client."""
+
+    def __init__(self) -> None:
+        from rclpy.action import ActionClient
+
+        from dino_tracker_msgs.action import TrainClip
+        from dino_tracker_msgs.msg import TrajectoryArray
+        from dino_tracker_msgs.srv import QueryTracks, SaveClip
+
+        super().__init__("dino_tracker_demo", CAMERA_TOPIC, depth=50)
+        self.save = self.node.create_client(SaveClip, f"{NS}/save_clip")
+        self.query = self.node.create_client(QueryTracks, f"{NS}/query_tracks")
+        self.train = ActionClient(self.node, TrainClip, f"{NS}/train_clip")
+        self.published: list[TrajectoryArray] = []
+        self.node.create_subscription(TrajectoryArray, f"{NS}/trajectories",
+                                      self.published.append, 10)
+
+    def wait_ready(self, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError("the nodes exited during start-up; see demo_out/nodes.log")
+            if (self.save.service_is_ready() and self.query.service_is_ready()
+                    and self.train.server_is_ready()
+                    and self.camera.get_subscription_count() > 0):
+                return
+            time.sleep(0.1)
+        raise RuntimeError("the nodes did not come up in time; see demo_out/nodes.log")
 
 
 def _stream(client: _Client, frames: np.ndarray, fps: float) -> np.ndarray:

@@ -68,7 +68,6 @@ from rcl_interfaces.msg import SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.node import Node
 from rclpy.parameter import Parameter
-from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CompressedImage, Image
 
 from dino_tracker_msgs.msg import ClipInfo
@@ -85,7 +84,7 @@ from ..core.clip import (
 from ..core.errors import ClipError, DinoTrackerError
 from .conversions import CLIP_STATES, ImageConverter, clip_info, stamp_to_ns
 from .params import CLIP_DIR, NodeParams, ParamSpec
-from .runtime import CLIPS_QOS, DEFAULT_NAMESPACE, SERVICE_QOS, run_nodes
+from .runtime import CLIPS_QOS, DEFAULT_NAMESPACE, SERVICE_QOS, camera_qos, run_nodes
 
 __all__ = ["BufferedFrame", "FrameBuffer", "RECORDER_PARAMS", "RecorderNode", "StreamStats",
            "main"]
@@ -342,12 +341,7 @@ class RecorderNode(Node):
 
         camera_group = MutuallyExclusiveCallbackGroup()
         service_group = MutuallyExclusiveCallbackGroup()
-        qos = QoSProfile(
-            history=HistoryPolicy.KEEP_LAST, depth=int(p("qos_depth")),
-            reliability=(ReliabilityPolicy.RELIABLE if self._reliability == "reliable"
-                         else ReliabilityPolicy.BEST_EFFORT),
-            durability=DurabilityPolicy.VOLATILE,
-        )
+        qos = camera_qos(self._reliability, p("qos_depth"))
         msg_type = CompressedImage if self._compressed else Image
         self._sub = self.create_subscription(msg_type, self._topic, self._on_image, qos,
                                              callback_group=camera_group)

@@ -36,7 +36,9 @@ from rclpy.signals import SignalHandlerOptions
 
 from ..core.errors import DinoTrackerError
 
-__all__ = ["CLIPS_QOS", "DEFAULT_NAMESPACE", "SERVICE_QOS", "StoppableNode", "run_nodes"]
+__all__ = [
+    "CLIPS_QOS", "DEFAULT_NAMESPACE", "SERVICE_QOS", "StoppableNode", "camera_qos", "run_nodes",
+]
 
 _SPIN_PERIOD_S = 0.1  # longest delay between a signal and the start of the shutdown
 _FLUSH_S = 0.5  # spinning after the nodes stopped, to send their last messages
@@ -64,6 +66,16 @@ SERVICE_QOS = QoSProfile(
     reliability=ReliabilityPolicy.RELIABLE,
     durability=DurabilityPolicy.VOLATILE,
 )
+
+
+def camera_qos(reliability: str, depth: int) -> QoSProfile:
+    """QoS of a camera subscription: keep last ``depth``, ``reliable`` or best effort."""
+    return QoSProfile(
+        history=HistoryPolicy.KEEP_LAST, depth=int(depth),
+        reliability=(ReliabilityPolicy.RELIABLE if reliability == "reliable"
+                     else ReliabilityPolicy.BEST_EFFORT),
+        durability=DurabilityPolicy.VOLATILE,
+    )
 
 
 class StoppableNode(Node):

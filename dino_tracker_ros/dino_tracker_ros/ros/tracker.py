@@ -54,7 +54,7 @@ import numpy as np
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.parameter import Parameter
-from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+from rclpy.qos import QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CompressedImage, Image
 from visualization_msgs.msg import MarkerArray
 
@@ -77,7 +77,14 @@ from .conversions import (
 from .markers import track_markers
 from .params import CLIP_DIR, DEVICE, PROFILE, NodeParams, ParamSpec
 from .recorder import RECORDER_PARAMS
-from .runtime import CLIPS_QOS, DEFAULT_NAMESPACE, SERVICE_QOS, StoppableNode, run_nodes
+from .runtime import (
+    CLIPS_QOS,
+    DEFAULT_NAMESPACE,
+    SERVICE_QOS,
+    StoppableNode,
+    camera_qos,
+    run_nodes,
+)
 from .trainer import CONFIG_SECTIONS, RANDOM_INIT_WARNING
 
 __all__ = ["CAMERA_PARAMS", "LiveStats", "TRACKER_PARAMS", "TrackerNode", "latest_trained_clip",
@@ -460,12 +467,7 @@ class TrackerNode(StoppableNode):
 
     def _subscribe_camera(self):
         p = self.params.value
-        qos = QoSProfile(
-            history=HistoryPolicy.KEEP_LAST, depth=int(p("qos_depth")),
-            reliability=(ReliabilityPolicy.RELIABLE if p("reliability") == "reliable"
-                         else ReliabilityPolicy.BEST_EFFORT),
-            durability=DurabilityPolicy.VOLATILE,
-        )
+        qos = camera_qos(str(p("reliability")), p("qos_depth"))
         msg_type = CompressedImage if p("compressed") else Image
         return self.create_subscription(msg_type, str(p("image_topic")), self._on_camera, qos,
                                         callback_group=self._camera_group)
