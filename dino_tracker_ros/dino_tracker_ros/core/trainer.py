@@ -49,7 +49,7 @@ from .losses import (
     prior_losses,
     refined_bb_loss,
 )
-from .model import DinoTrackerModel, gather_points
+from .model import DinoTrackerModel, gather_points, unit_channels
 from .preprocess import Workspace, preprocess_clip
 from .progress import CancelToken, ProgressCallback, StageReporter
 from .storage import load_optional_json, save_torch_atomic, write_json_atomic
@@ -330,7 +330,7 @@ class _Maps:
     def of(cls, refined: torch.Tensor) -> _Maps:
         """The layouts of refined features ``(K, C, h, w)``."""
         return cls(refined.permute(0, 2, 3, 1).reshape(-1, refined.shape[1]),
-                   F.normalize(refined, dim=1, eps=_EPS).unbind(0), tuple(refined.shape[-2:]))
+                   unit_channels(refined).unbind(0), tuple(refined.shape[-2:]))
 
 
 # -- the trainer -----------------------------------------------------------------------

@@ -249,11 +249,20 @@ def test_windowed_head_matches_the_full_map_head_in_values_and_gradients() -> No
 def test_blur_pool_is_the_binomial_filter() -> None:
     from dino_tracker_ros.core.model import BlurPool
 
-    k1 = torch.tensor([1.0, 3.0, 3.0, 1.0])
-    kernel = (torch.outer(k1, k1) / 64.0).expand(4, 1, 4, 4)
+    def blur_axis(a: np.ndarray, axis: int) -> np.ndarray:
+        # reflect-pad (1, 2), then out[k] = (a[2k] + 3 a[2k+1] + 3 a[2k+2] + a[2k+3]) / 8
+        pad = [(0, 0)] * a.ndim
+        pad[axis] = (1, 2)
+        a = np.moveaxis(np.pad(a, pad, mode="reflect"), axis, 0)
+        n = (a.shape[0] - 2) // 2
+        out = sum(c * a[j:j + 2 * n:2] for j, c in enumerate((1, 3, 3, 1))) / 8.0
+        return np.moveaxis(out, 0, axis)
+
     for hw in ((9, 12), (10, 13), (31, 30)):
-        x = torch.randn(2, 4, *hw)
-        want = F.conv2d(F.pad(x, (1, 2, 1, 2), mode="reflect"), kernel, stride=2, groups=4)
-        got = BlurPool(4)(x)
+        x = torch.randn(2, 4, *hw, dtype=torch.float64)
+        want = blur_axis(blur_axis(x.numpy(), 2), 3)
+        got = BlurPool(4).double()(x)
         assert got.shape == want.shape == (2, 4, (hw[0] + 1) // 2, (hw[1] + 1) // 2)
-        assert torch.allclose(got, want, atol=1e-6)
+        assert np.allclose(got.numpy(), want, atol=1e-12)
+        xc = x.float().contiguous(memory_format=torch.channels_last)
+        assert torch.allclose(BlurPool(4)(xc), torch.from_numpy(want).float(), atol=1e-5)
