@@ -46,6 +46,7 @@ anchor pass's dtype plus positions), and the query frames' features are kept in 
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections import deque
 from pathlib import Path
@@ -68,6 +69,22 @@ __all__ = ["LivePredictor", "LiveResult", "QUERY_FRAMES_BYTES"]
 
 QUERY_FRAMES_BYTES = 1 << 28  # query frames' unit features kept in RAM (else read per step)
 _EPS = 1e-8  # as the head's cosine
+# the last backbone built, reused while the settings and device stay the same (building a
+# ViT-L takes seconds; live tracking is often switched on and off for the same clip)
+_BACKBONE_SLOT: dict = {}
+_BACKBONE_LOCK = threading.Lock()
+
+
+def _shared_backbone(cfg: Any, device: torch.device) -> Any:
+    """``build_backbone(cfg, device)``, reusing the previous one when nothing differs."""
+    from .backbone import build_backbone
+
+    key = (repr(cfg), str(device))
+    with _BACKBONE_LOCK:
+        if _BACKBONE_SLOT.get("key") != key:
+            _BACKBONE_SLOT.clear()  # drop the old one before building the next
+            _BACKBONE_SLOT.update(key=key, backbone=build_backbone(cfg, device))
+        return _BACKBONE_SLOT["backbone"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -180,7 +197,6 @@ class LivePredictor:
             NotTrainedError: the clip has no trained model.
             WeightsError: the backbone's weights are not available.
         """
-        from .backbone import build_backbone
         from .checkpoint import load_model
 
         clip = clip if isinstance(clip, Clip) else Clip.open(clip)
@@ -189,7 +205,7 @@ class LivePredictor:
             predictor = Predictor.open(clip, device=device, track_cfg=track_cfg,
                                        precision=precision)
         _, cfg, _ = load_model(Path(clip.model_dir) / "model.pt", "cpu")
-        backbone = build_backbone(cfg.backbone, predictor.device)
+        backbone = _shared_backbone(cfg.backbone, predictor.device)
         return cls(predictor, backbone, queries, track_cfg=track_cfg or predictor.track_cfg,
                    clip_id=clip.clip_id)
 

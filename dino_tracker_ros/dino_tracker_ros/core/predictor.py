@@ -366,13 +366,12 @@ class _DensePlan(NamedTuple):
         in_cells: (n,) long, the window cells (row-major in ``size x size``) the output reads.
         layers: per convolution ``(matrix, bias or None, sink_cells or None)``, and the
             elementwise callables, in order; ``sink_cells``: window cells of an intermediate
-            output (whose outside-the-map flags feed the sink rows).
-        out_cells: (d,) long, the disc cells (row-major in the ``2r+1`` core) it outputs.
+            output (whose outside-the-map flags feed the sink rows). The last layer
+            outputs the disc's cells (row-major in the ``2r+1`` core).
     """
 
     in_cells: torch.Tensor
     layers: list
-    out_cells: torch.Tensor
 
 
 def _reach(cells: torch.Tensor, side: int, k: int) -> torch.Tensor:
@@ -395,10 +394,10 @@ def _dense_plan(steps: list, size: int, disc: torch.Tensor, dtype: torch.dtype,
 
     An unpadded convolution is a linear map of the flattened window (:func:`_conv_matrix`).
     Only the disc's outputs are needed, so each layer's matrix keeps the columns of the
-    cells that later layers read and the rows of the cells it reads (for 15x15 windows and
-    a radius-5 disc: 149 -> 16 x 113 -> 81 values, about 2.3x fewer products than the whole
-    window). Two small GEMMs per window run faster on a CPU than convolutions of 1 and 16
-    channels on tiny images, although they multiply zeros. The cells outside the map of an
+    cells that later layers read and the rows of the cells it reads (11x11 windows, a
+    37-cell disc: 109 -> 16 x 69 -> 37 values instead of 121 -> 16 x 81 -> 49). Two small
+    GEMMs per window run faster on a CPU than convolutions of 1 and 16 channels on tiny
+    images, although they multiply zeros. The cells outside the map of an
     intermediate layer's output must be zero (zero padding of the whole map): each such
     layer's matrix gets one extra input row per output cell, -:data:`_SINK` in every
     channel of that cell, fed with 1 where the cell lies outside the map, so that the
@@ -418,8 +417,7 @@ def _dense_plan(steps: list, size: int, disc: torch.Tensor, dtype: torch.dtype,
     if sides[-1] != disc.shape[0]:
         return None
     # cells each layer's output needs, from the last layer back to the window
-    out_cells = torch.nonzero(disc.flatten().to(device))[:, 0]
-    needed = [out_cells]
+    needed = [torch.nonzero(disc.flatten().to(device))[:, 0]]
     for n, (_, (weight, _)) in reversed(list(enumerate(convs))):
         needed.insert(0, _reach(needed[0], sides[n + 1], int(weight.shape[-1])))
     layers: list = []
@@ -451,14 +449,14 @@ def _dense_plan(steps: list, size: int, disc: torch.Tensor, dtype: torch.dtype,
         layers.append((matrix.to(dtype), None if full_bias is None else full_bias.to(dtype),
                        sink_cells))
         cin, n = cout, n + 1
-    return _DensePlan(needed[0], layers, out_cells)
+    return _DensePlan(needed[0], layers)
 
 
 def _refine_dense(plan: _DensePlan, x: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
     """Run a :func:`_dense_plan` on windows' ``plan.in_cells`` values ``x (M, n)``.
 
     ``x`` is 0 at cells outside the map; ``inside``: (M, S * S) bool, the window's cells
-    inside the map. Returns ``(M, d)``, the last layer at ``plan.out_cells`` (not zeroed
+    inside the map. Returns ``(M, d)``, the last layer at the disc's cells (not zeroed
     outside the map).
     """
     m = x.shape[0]

@@ -333,6 +333,31 @@ class _Maps:
                    unit_channels(refined).unbind(0), tuple(refined.shape[-2:]))
 
 
+class _CosineMaps(torch.autograd.Function):
+    """``q (Q, C) @ t (C, N)`` in the inputs' precision, its gradients in ``grad_dtype``.
+
+    The forward stays fp32 (the refiner amplifies rounding of the maps); the backward's
+    two products only carry gradients, which mixed precision computes in bf16 anyway (with
+    the windowed head most of ``grad_out`` is zero). ``grad_dtype=None``: the inputs' dtype.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, t: torch.Tensor,
+                grad_dtype: torch.dtype | None) -> torch.Tensor:
+        ctx.save_for_backward(q, t)
+        ctx.grad_dtype = grad_dtype
+        return q @ t
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        q, t = ctx.saved_tensors
+        dt = ctx.grad_dtype or grad.dtype
+        g = grad.to(dt)
+        gq = (g @ t.to(dt).T).to(q.dtype) if ctx.needs_input_grad[0] else None
+        gt = (q.to(dt).T @ g).to(t.dtype) if ctx.needs_input_grad[1] else None
+        return gq, gt, None
+
+
 # -- the trainer -----------------------------------------------------------------------
 class Trainer:
     """Training state of one clip: model, optimiser, schedule, sampler RNG and history.
@@ -607,8 +632,9 @@ class Trainer:
                 # fp32 cosine maps even under autocast: the refiner's sum-normalised kernels
                 # amplify bf16 rounding of the maps into position errors
                 with torch.autocast(self.device.type, enabled=False):
-                    cost = torch.einsum("qc,chw->qhw", qn[off : off + c].float(),
-                                        maps.unit[k].float())
+                    unit = maps.unit[k].float()
+                    cost = _CosineMaps.apply(qn[off : off + c].float(), unit.flatten(1),
+                                             self.amp_dtype).reshape(c, *unit.shape[1:])
                 outs.append(self._locate(cost[None])[0])
                 off += c
         pred = torch.cat(outs)

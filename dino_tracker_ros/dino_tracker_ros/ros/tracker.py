@@ -102,6 +102,9 @@ TRACKER_PARAMS = (
     ParamSpec("cache_size", 2, "trained clips whose predictors stay open (LRU)", 1, 64),
     ParamSpec("max_queries", 20000, "largest number of points one request may track", 1,
               10_000_000),
+    ParamSpec("max_track_points", 5_000_000,
+              "largest points x frames of one query_tracks answer (one TrackPoint each, 24 "
+              "bytes on the wire)", 1, 1_000_000_000),
     ParamSpec("overlay_rate", 10.0, "frames per second of the overlay replay (0: no overlay)",
               0.0, 120.0, read_only=True),
     ParamSpec("overlay_trail", 8, "frames of trail drawn behind each point in the overlay", 0,
@@ -369,6 +372,10 @@ class TrackerNode(StoppableNode):
         if len(queries) > limit:
             raise QueryError(f"{len(queries)} query points exceed max_queries={limit}; use a "
                              "larger grid_step or fewer points")
+        cells, cap = len(queries) * len(clip), int(self.params.value("max_track_points"))
+        if cells > cap:
+            raise QueryError(f"{len(queries)} points x {len(clip)} frames = {cells} track "
+                             f"points exceed max_track_points={cap}; query fewer points")
         return clip, self._predictor(clip).track(queries)
 
     # -- overlay ---------------------------------------------------------------------------

@@ -101,6 +101,7 @@ def test_a_clip_frame_gives_the_offline_answer_and_rescaled_frames_rescaled_posi
     s = live
     offline = Predictor.open(s.clip, device="cpu").track(s.queries)
     fresh = LivePredictor.open(s.clip, s.queries, device="cpu")
+    assert fresh.backbone is s.predictor.backbone  # same settings: the ViT is not rebuilt
     k = HALF - 1
     r = fresh.step(s.frames[k])
     gap = np.abs(r.positions - offline.tracks[:, k])

@@ -319,6 +319,29 @@ def _set(s, node: str, name: str, value: str) -> None:
     assert all(r.successful for r in res.results), res
 
 
+def test_query_size_limits_refuse_with_one_line(system):
+    s = system
+    points = [QueryPoint(frame=0, x=float(4 + i), y=5.0) for i in range(6)]
+    try:
+        _set(s, "tracker", "max_queries", 5)
+        resp = s.client.call(s.query, QueryTracks.Request(clip_id="a", queries=points), 60)
+        assert not resp.success and "max_queries=5" in resp.message, resp.message
+        one_line(resp.message)
+        _set(s, "tracker", "max_queries", 20000)
+        _set(s, "tracker", "max_track_points", 6 * T - 1)
+        resp = s.client.call(s.query, QueryTracks.Request(clip_id="a", queries=points), 60)
+        assert not resp.success, resp.message
+        assert f"6 points x {T} frames" in resp.message and "max_track_points" in resp.message
+        one_line(resp.message)
+        _set(s, "tracker", "max_track_points", 6 * T)  # exactly at the bound: answered
+        resp = s.client.call(s.query, QueryTracks.Request(clip_id="a", queries=points), 60)
+        assert resp.success, resp.message
+        check_answer(s, points, resp)
+    finally:
+        _set(s, "tracker", "max_queries", 20000)
+        _set(s, "tracker", "max_track_points", 5_000_000)
+
+
 def test_disk_errors_answer_false_and_keep_clips(system, tmp_path):
     s = system
     before = stored(s)
