@@ -112,6 +112,13 @@ class BaselinePredictor(Predictor):
     def _unit(self, t0: int, t1: int, dtype: torch.dtype) -> torch.Tensor:
         return F.normalize(self._frames(t0, t1), dim=1, eps=1e-8).flatten(2).to(dtype)
 
+    def _anchor_pass(self, src, anchors, valid, cycle) -> None:
+        for a in torch.unique(anchors[valid]).tolist():  # one head call per anchor frame
+            qi, si = torch.nonzero((anchors == a) & valid, as_tuple=True)
+            pts = self._predict(src[qi].reshape(-1, src.shape[-1]),
+                                self._unit(a, a + 1, src.dtype)[0])
+            cycle[qi, si] = pts.reshape(len(qi), src.shape[1], 2)
+
 
 # -- message costs --------------------------------------------------------------------------
 def _constructor_array(clip, result):

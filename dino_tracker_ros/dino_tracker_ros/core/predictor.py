@@ -452,6 +452,27 @@ def _dense_plan(steps: list, size: int, disc: torch.Tensor, dtype: torch.dtype,
     return _DensePlan(needed[0], layers)
 
 
+_PLANS: dict = {}  # (refiner parameters and their versions, window, dtype, device) -> plan
+_PLANS_LOCK = threading.Lock()
+
+
+def _cached_plan(head: torch.nn.Module, steps: list, size: int, disc: torch.Tensor,
+                 dtype: torch.dtype, device: torch.device) -> _DensePlan | None:
+    """:func:`_dense_plan`, built once per refiner state (a query makes ~50-100 calls).
+
+    The key holds every refiner parameter's storage and in-place version counter, so a
+    trained or reloaded refiner never reuses a stale plan.
+    """
+    params = tuple((t.data_ptr(), t._version) for t in head.refiner.parameters())
+    key = (params, size, dtype, str(device), float(head.radius))
+    with _PLANS_LOCK:
+        if key not in _PLANS:
+            if len(_PLANS) >= 16:
+                _PLANS.clear()
+            _PLANS[key] = _dense_plan(steps, size, disc, dtype, device)
+        return _PLANS[key]
+
+
 def _refine_dense(plan: _DensePlan, x: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
     """Run a :func:`_dense_plan` on windows' ``plan.in_cells`` values ``x (M, n)``.
 
@@ -510,7 +531,7 @@ def locate_windowed(
     offs = torch.arange(-pad, pad + 1, device=dev)
     d = torch.arange(-r, r + 1, device=dev, dtype=torch.float32) * stride
     disc = (d[:, None] ** 2 + d[None, :] ** 2) <= float(head.radius) ** 2
-    plan = _dense_plan(steps, size, disc, dtype, dev)
+    plan = _cached_plan(head, steps, size, disc, dtype, dev)
     disc_cells = torch.nonzero(disc.flatten())[:, 0]
     # the disc's cells in window coordinates (row-major in size x size)
     win_cells = (disc_cells // (2 * r + 1) + margin) * size + disc_cells % (2 * r + 1) + margin
@@ -715,6 +736,44 @@ class Predictor:
             out.append(locate_windowed(head, cost, qn.dtype).reshape(*lead, -1, 2))
         return torch.cat(out, dim=-2)
 
+    def _anchor_pass(self, src: torch.Tensor, anchors: torch.Tensor, valid: torch.Tensor,
+                     cycle: torch.Tensor) -> None:
+        """``cycle[q, j] =`` head predictions of ``src[q] (T, C)`` in frame ``anchors[q, j]``.
+
+        For the valid slots only. The cosine maps of several anchor frames go to the head
+        together, up to :data:`MAP_BUDGET` cells per call: with few queries, one call per
+        anchor frame would be mostly per-call overhead.
+        """
+        h, w = self.geometry.grid_hw
+        num_t, c = int(src.shape[1]), int(src.shape[2])
+        per_piece = max(1, MAP_BUDGET // (h * w * num_t))  # queries per matrix product
+        buffer = torch.empty(per_piece * num_t, h * w, device=src.device, dtype=src.dtype)
+        pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+        rows = 0
+
+        def flush() -> None:
+            maps = buffer[:rows].reshape(1, rows, h, w)
+            pts = locate_windowed(self.model.head, maps, src.dtype)[0]
+            for (qi, si), p in zip(pending, pts.split([len(q) * num_t for q, _ in pending]),
+                                   strict=True):
+                cycle[qi, si] = p.reshape(len(qi), num_t, 2)
+            pending.clear()
+
+        for a in torch.unique(anchors[valid]).tolist():
+            qi_all, si_all = torch.nonzero((anchors == a) & valid, as_tuple=True)
+            unit = self._unit(a, a + 1, src.dtype)[0]
+            for i in range(0, len(qi_all), per_piece):
+                qi, si = qi_all[i:i + per_piece], si_all[i:i + per_piece]
+                n = len(qi) * num_t
+                if rows + n > len(buffer):
+                    flush()
+                    rows = 0
+                torch.matmul(src[qi].reshape(-1, c), unit, out=buffer[rows:rows + n])
+                pending.append((qi, si))
+                rows += n
+        if pending:
+            flush()
+
     def track(self, queries: Any) -> TrackResult:
         """Track query points through every frame of the clip.
 
@@ -785,10 +844,6 @@ class Predictor:
         cos[rows, kq] = 1.0
         anchors, valid = select_anchors(cos, kq, cfg.anchor_cos, cfg.max_anchors)
         cycle = torch.zeros(qn, anchors.shape[1], num_t, 2, device=dev)
-        for a in torch.unique(anchors[valid]).tolist():
-            qi, si = torch.nonzero((anchors == a) & valid, as_tuple=True)
-            pts = self._predict(src[qi].reshape(-1, src.shape[-1]),
-                                self._unit(a, a + 1, src.dtype)[0])
-            cycle[qi, si] = pts.reshape(len(qi), num_t, 2)
+        self._anchor_pass(src, anchors, valid, cycle)
         vis = agreement_visibility(cycle, traj, anchors, valid, cos, kq, cfg.occlusion_cos)
         return traj.cpu().numpy(), vis.score.cpu().numpy()
