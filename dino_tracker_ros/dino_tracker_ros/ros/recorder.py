@@ -158,13 +158,19 @@ class StreamStats:
                 f"{self.buffered} frames ({self.buffered_bytes / 2**20:.1f} MiB)")
 
 
+def _gap_frames(interval_ns: int, period_ns: float) -> int:
+    """Frames missing in a stamp interval of ``interval_ns`` at a frame period ``period_ns``."""
+    return max(0, int(round(interval_ns / period_ns)) - 1) if period_ns > 0 else 0
+
+
 class FrameBuffer:
     """Thread-safe drop-oldest ring buffer of frames bounded by count and bytes.
 
     All buffered frames share one format (height, width, source encoding); stamps strictly
     increase. Lost frames are estimated from gaps: a gap of ``k`` frame periods counts
     ``k - 1`` missed frames, the period being the 10th percentile of the last 64 stamp
-    intervals (robust to losing most frames; counting starts after 8 intervals).
+    intervals (robust to losing most frames); the gaps among the first 8 intervals are
+    counted as soon as those 8 give the first estimate.
 
     Args:
         max_frames: at most this many frames.
@@ -280,12 +286,18 @@ class FrameBuffer:
     def _count_gap(self, stamp: int) -> None:
         if self._last_stamp is not None:
             dt = stamp - self._last_stamp
+            missed = 0
             if len(self._periods) >= self._MIN_PERIODS:
-                period = float(np.percentile(self._periods, 10))
-                missed = max(0, int(round(dt / period)) - 1) if period > 0 else 0
-                if missed:
-                    self._stats = replace(self._stats, missed=self._stats.missed + missed)
-            self._periods.append(dt)
+                missed = _gap_frames(dt, float(np.percentile(self._periods, 10)))
+                self._periods.append(dt)
+            else:
+                self._periods.append(dt)
+                if len(self._periods) == self._MIN_PERIODS:
+                    # the first estimate of the period: count the gaps seen before it too
+                    period = float(np.percentile(self._periods, 10))
+                    missed = sum(_gap_frames(d, period) for d in self._periods)
+            if missed:
+                self._stats = replace(self._stats, missed=self._stats.missed + missed)
         self._last_stamp = stamp
 
     def _evict(self) -> None:

@@ -108,7 +108,7 @@ def test_60fps_stream_memory_drops_and_kill_during_save(node_process, make_clien
     stop.set()
     worker.join(60)
     time.sleep(0.5)
-    final = client.call(save, SaveClip.Request(clip_id="final", duration=0.5), timeout=60)
+    final = client.call(save, SaveClip.Request(clip_id="final", duration=SAVE_S), timeout=60)
     assert final.success, final.message
     assert proc.proc.poll() is None
 
