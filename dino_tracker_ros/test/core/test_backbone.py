@@ -255,6 +255,23 @@ def test_extract_features_cancel_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_attention_override_equals_timm_attention():
+    from timm.models.vision_transformer import Attention
+
+    bb = build_backbone(_cfg(random_init=True, layer=1), "cpu")
+    attn = bb.vit.blocks[0].attn
+    assert attn.forward.__func__.__name__ == "_attention_forward"
+    torch.manual_seed(0)
+    x = torch.randn(2, 37, bb.channels)
+    with torch.no_grad():
+        want = Attention.forward(attn, x)  # timm's own forward on the same module
+        np.testing.assert_allclose(attn(x).numpy(), want.numpy(), atol=1e-5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got, ref = attn(x), Attention.forward(attn, x)
+    assert got.dtype == torch.bfloat16
+    assert F.cosine_similarity(got.float(), ref.float(), dim=-1).min() > 0.999
+
+
 def test_precision_selection_and_bf16_accuracy():
     cpu = torch.device("cpu")
     assert resolve_precision("fp32", cpu) is None
