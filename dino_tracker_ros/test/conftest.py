@@ -15,8 +15,9 @@ module name or a script path) and stops them at teardown::
         peer.wait_for("ready", timeout=20)   # text in its stdout/stderr
         ...
 
-Tests run with ``--import-mode=importlib`` (see setup.cfg): share helpers through fixtures
-here, not by importing test modules.
+Tests run with ``--import-mode=importlib`` (see setup.cfg): share fixtures here, plain helper
+functions in ``suite_helpers.py`` (this directory is put on ``sys.path``), and never import
+test modules.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ from pathlib import Path
 import pytest
 
 __all__ = ["PythonProcess", "spawn_python"]
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # suite_helpers
 
 _DOMAIN_ID = int(os.environ.get("DINO_TRACKER_TEST_DOMAIN_ID", 1 + os.getpid() % 100))
 _ROS_LOG_DIR = tempfile.mkdtemp(prefix="dino_tracker_test_roslog_")

@@ -15,7 +15,6 @@ checkpoint) and completes.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from suite_helpers import temp_files, tree_hash
 
 from dino_tracker_ros.core.checkpoint import load_model
 from dino_tracker_ros.core.clip import Clip, list_clips, sweep_clip_dir
@@ -107,17 +107,8 @@ def run_child(code: str, *args: str, timeout: float = 300) -> subprocess.Complet
                           timeout=timeout, env=env)
 
 
-def dir_hash(path: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(path.rglob("*")):
-        h.update(str(p.relative_to(path)).encode())
-        if p.is_file():
-            h.update(p.read_bytes())
-    return h.hexdigest()
 
 
-def temps(root: Path) -> list[Path]:
-    return [p for p in root.rglob(".*") if p.name.endswith(".tmp")]
 
 
 def check_clip_store(root: Path, committed: list[str]) -> None:
@@ -151,10 +142,10 @@ def test_kill_while_writing_clips(tmp_path):
         # the interrupted clip is only a dot-temporary; nothing else appeared
         extra = {c.clip_id for c in list_clips(root)} - set(committed)
         assert not extra or (len(extra) == 1 and mode == "rename"), (extra, kills)
-    left = [p for p in temps(root) if p.parent == root]
+    left = [p for p in temp_files(root) if p.parent == root]
     assert left, "a kill before a commit leaves the writer's temporary behind"
     removed = sweep_clip_dir(root)
-    assert sorted(removed) == sorted(left) and not temps(root)
+    assert sorted(removed) == sorted(left) and not temp_files(root)
     check_clip_store(root, committed)
     print(f"clip-writing kills (mode, K, clips committed by that child): {kills}; "
           f"{len(removed)} temporaries swept")
@@ -178,12 +169,12 @@ def test_kill_while_overwriting_a_clip(tmp_path):
         assert len(values) == 1 and values <= {50, 200}
         seen |= values
     sweep_clip_dir(root)
-    assert [c.clip_id for c in list_clips(root)] == ["x"] and not temps(root)
+    assert [c.clip_id for c in list_clips(root)] == ["x"] and not temp_files(root)
 
 
 def _check_job_state(clip: Clip, cfg, frames_hash: str) -> dict:
     """Invariants after a kill of the training job; returns what is there."""
-    assert dir_hash(clip.path / "frames") == frames_hash
+    assert tree_hash(clip.path / "frames") == frames_hash
     assert Clip.open(clip.path).meta == clip.meta
     ws = Workspace(clip, cfg)
     rec = ws.record()
@@ -223,7 +214,7 @@ def test_kill_while_preprocessing_and_training_then_resume(tmp_path):
     rng = np.random.default_rng(SEED + 2)
     clip, gt = make_synthetic_clip(tmp_path / "clips", "c", num_frames=5, height=64, width=64,
                                    seed=3, num_points=16)
-    frames_hash = dir_hash(clip.path / "frames")
+    frames_hash = tree_hash(clip.path / "frames")
     cfg = load_config(profile="tiny", device="cpu", overrides=OVERRIDES)
     # run 1 dies inside preprocessing, runs 2 and 3 in training (each run counts its own
     # commits from its start); the restart in this process finishes
@@ -257,9 +248,9 @@ def test_kill_while_preprocessing_and_training_then_resume(tmp_path):
     assert all(ws.done(s) for s in STAGES)
     tracks = Predictor.open(clip, device="cpu").track(gt.queries[:4])
     assert tracks.tracks.shape == (4, len(clip), 2) and np.isfinite(tracks.tracks).all()
-    left = temps(clip.path.parent)
+    left = temp_files(clip.path.parent)
     removed = sweep_clip_dir(clip.path.parent)
-    assert temps(clip.path.parent) == [] and set(removed) == set(left)  # all swept
+    assert temp_files(clip.path.parent) == [] and set(removed) == set(left)  # all swept
     print(f"training-job kills (K, state after the kill): {history}; resumed from "
           f"{result.resumed_from}; {len(removed)} temporaries swept")
     _stage_rerun_killed_before_its_record(clip)

@@ -18,7 +18,6 @@ process (this is what it was before the arrays were preallocated).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import resource
 import signal
@@ -30,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from suite_helpers import temp_files, tree_hash
 
 from dino_tracker_ros.core.clip import ClipWriter, clip_from_array, list_clips, open_clip
 from dino_tracker_ros.core.config import load_config
@@ -42,19 +42,6 @@ from dino_tracker_ros.core.storage import (
     write_bytes_atomic,
 )
 from dino_tracker_ros.core.trainer import train_status
-
-
-def tree_hash(root: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(root.rglob("*")):
-        h.update(str(p.relative_to(root)).encode())
-        if p.is_file():
-            h.update(p.read_bytes())
-    return h.hexdigest()
-
-
-def temps(root: Path) -> list[Path]:
-    return [p for p in root.rglob(".*") if p.name.endswith(".tmp")]
 
 
 def cli(*args: str, fsize: int | None = None) -> subprocess.CompletedProcess:
@@ -93,13 +80,13 @@ def test_file_size_limit_while_importing_and_preprocessing(store, tmp_path):
     proc = cli("synth", str(store), "--clip-id", "new", "--frames", "6", "--height", "128",
                "--width", "128", fsize=20_000)
     line = assert_one_line_exit_1(proc, "file size limit", "new")
-    assert [c.clip_id for c in list_clips(store)] == ["old"] and not temps(store)
+    assert [c.clip_id for c in list_clips(store)] == ["old"] and not temp_files(store)
     assert tree_hash(store) == before
     # the first stage's array (5 x 112 x 112 x 3 bytes) exceeds the limit when created
     proc = cli("train", str(store / "old"), "--profile", "tiny", "--random-backbone", "--quiet",
                fsize=100_000)
     line2 = assert_one_line_exit_1(proc, "file size limit", "frames.npy")
-    assert not (store / "old" / "work" / "frames.npy").exists() and not temps(store)
+    assert not (store / "old" / "work" / "frames.npy").exists() and not temp_files(store)
     status = train_status(open_clip(store, "old"))
     assert status.state == "failed" and "file size limit" in status.message
     old = open_clip(store, "old")
@@ -130,7 +117,7 @@ def test_special_files_are_never_replaced(tmp_path):
         with pytest.raises(StorageError, match="not a regular file"), atomic_path(target) as t:
             t.write_bytes(b"x")
     assert fifo.exists() and not fifo.is_file()
-    assert not temps(tmp_path)
+    assert not temp_files(tmp_path)
 
 
 # -- tmpfs (ENOSPC) and a read-only bind mount (EROFS) ---------------------------------------
@@ -165,13 +152,13 @@ def test_full_disk(small_tmpfs, tmp_path):
     with pytest.raises(StorageError, match="disk is full") as info:
         clip_from_array(big, root, "new", fps=10.0)
     assert "\n" not in str(info.value)
-    assert tree_hash(root) == before and not temps(small_tmpfs)
+    assert tree_hash(root) == before and not temp_files(small_tmpfs)
     with pytest.raises(StorageError, match="disk is full"):
         with create_array(root / "old" / "big.npy", (400_000,), np.uint8) as a:
             a[:] = 1
     with pytest.raises(StorageError, match="disk is full"):
         save_torch_atomic({"x": np.zeros(200_000, np.uint8)}, root / "old" / "x.pt")
-    assert tree_hash(root) == before and not temps(small_tmpfs)
+    assert tree_hash(root) == before and not temp_files(small_tmpfs)
     # Filling a memory map on a full disk used to be SIGBUS (exit -7): now an error at once.
     code = ("import sys, numpy as np\n"
             "from dino_tracker_ros.core.storage import create_array\n"
@@ -186,7 +173,7 @@ def test_full_disk(small_tmpfs, tmp_path):
     proc = cli("synth", str(root), "--clip-id", "new", "--frames", "20", "--height", "128",
                "--width", "128")
     line = assert_one_line_exit_1(proc, "disk is full")
-    assert tree_hash(root) == before and not temps(small_tmpfs)
+    assert tree_hash(root) == before and not temp_files(small_tmpfs)
     assert open_clip(root, "old").frame(4).tolist() == frames[4].tolist()
     print(f"ENOSPC: {line} | {child.stdout.strip()}")
 

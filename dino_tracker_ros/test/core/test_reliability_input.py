@@ -9,7 +9,6 @@ compared before and after). Hypothesis draws the values (bounded example counts,
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -24,6 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from rosbags.rosbag2 import StoragePlugin, Writer
 from rosbags.typesys import Stores, get_typestore
+from suite_helpers import tree_hash
 
 from dino_tracker_ros.core.bag import (
     SUPPORTED_ENCODINGS,
@@ -63,17 +63,6 @@ HOSTILE_IDS = [
 ]
 
 
-def tree_hash(root: Path) -> str:
-    """Hash of every path, file mode and file content under ``root``."""
-    h = hashlib.sha256()
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        for name in sorted(filenames) + [d + "/" for d in dirnames]:
-            path = Path(dirpath) / name.rstrip("/")
-            h.update(str(path.relative_to(root)).encode() + b"\0")
-            if path.is_file() and not path.is_symlink():
-                h.update(path.read_bytes())
-    return h.hexdigest()
 
 
 def one_line(exc: BaseException) -> str:

@@ -16,11 +16,9 @@ clip ``b`` is trained through the action while 50 concurrent ``query_tracks`` ca
 
 from __future__ import annotations
 
-import hashlib
 import subprocess
 import time
 import uuid
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,6 +29,7 @@ from rclpy.parameter import Parameter
 from rclpy.parameter_client import AsyncParameterClient
 from rclpy.qos import QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import Image
+from suite_helpers import tree_hash
 
 from dino_tracker_msgs.action import TrainClip
 from dino_tracker_msgs.msg import ClipInfo, QueryPoint
@@ -51,13 +50,6 @@ OVERRIDES = ["backbone.random_init=true", "train.iterations=6", "train.checkpoin
 pytestmark = pytest.mark.slow
 
 
-def clip_hash(path: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(path.rglob("*")):
-        h.update(str(p.relative_to(path)).encode())
-        if p.is_file():
-            h.update(p.read_bytes())
-    return h.hexdigest()
 
 
 def one_line(message: str) -> None:
@@ -107,7 +99,7 @@ def publish_frames(s, n: int, value: int = 90) -> None:
 
 
 def stored(s) -> dict[str, str]:
-    return {c.clip_id: clip_hash(c.path) for c in list_clips(s.clip_dir)}
+    return {c.clip_id: tree_hash(c.path) for c in list_clips(s.clip_dir)}
 
 
 def check_answer(s, points: list, resp) -> float:
