@@ -167,13 +167,20 @@ class RosClient:
             Image, camera_topic, QoSProfile(depth=depth, reliability=ReliabilityPolicy.RELIABLE))
         self.executor = SingleThreadedExecutor()
         self.executor.add_node(self.node)
+        self._stop = threading.Event()
         self._spin = threading.Thread(target=self._spin_forever, daemon=True)
         self._spin.start()
 
     def _spin_forever(self) -> None:
+        from rclpy.executors import ExternalShutdownException, ShutdownException
+
+        from .ros.runtime import spin_until
+
+        log = self.node.get_logger()
         try:
-            self.executor.spin()
-        except Exception:  # shutdown races end the spin thread
+            spin_until(self.executor, self._stop, lambda tb: log.error(
+                f"a callback raised; still spinning:\n{tb}", throttle_duration_sec=1.0))
+        except (ExternalShutdownException, ShutdownException):
             pass
 
     def call(self, client, request, timeout: float):
@@ -187,6 +194,7 @@ class RosClient:
         return future.result()
 
     def close(self) -> None:
+        self._stop.set()
         self.executor.shutdown()
         self._spin.join(timeout=5)
         self.node.destroy_node()

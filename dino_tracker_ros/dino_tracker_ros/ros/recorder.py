@@ -84,7 +84,7 @@ from ..core.clip import (
 from ..core.errors import ClipError, DinoTrackerError
 from .conversions import CLIP_STATES, ImageConverter, clip_info, stamp_to_ns
 from .params import CLIP_DIR, NodeParams, ParamSpec
-from .runtime import CLIPS_QOS, DEFAULT_NAMESPACE, SERVICE_QOS, camera_qos, run_nodes
+from .runtime import CLIPS_QOS, DEFAULT_NAMESPACE, camera_qos, create_service, run_nodes
 
 __all__ = ["BufferedFrame", "FrameBuffer", "RECORDER_PARAMS", "RecorderNode", "StreamStats",
            "main"]
@@ -358,10 +358,10 @@ class RecorderNode(Node):
         self._sub = self.create_subscription(msg_type, self._topic, self._on_image, qos,
                                              callback_group=camera_group)
         self._clips_pub = self.create_publisher(ClipInfo, "clips", CLIPS_QOS)
-        self.create_service(SaveClip, "save_clip", self._on_save_clip, qos_profile=SERVICE_QOS,
-                            callback_group=service_group)
-        self.create_service(ListClips, "list_clips", self._on_list_clips,
-                            qos_profile=SERVICE_QOS, callback_group=service_group)
+        create_service(self, SaveClip, "save_clip", self._on_save_clip,
+                       callback_group=service_group)
+        create_service(self, ListClips, "list_clips", self._on_list_clips,
+                       callback_group=service_group)
         self._last_logged = StreamStats()
         self._last_log_time = time.monotonic()
         self.create_timer(float(p("stats_period")), self._log_stats, callback_group=camera_group)

@@ -24,20 +24,28 @@ import sys
 import threading
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Sequence
 
 import rclpy
 import rclpy.logging
 from rclpy.exceptions import InvalidParameterTypeException, InvalidParameterValueException
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.executors import (
+    Executor,
+    ExternalShutdownException,
+    MultiThreadedExecutor,
+    ShutdownException,
+)
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+from rclpy.service import Service
 from rclpy.signals import SignalHandlerOptions
 
 from ..core.errors import DinoTrackerError
 
 __all__ = [
-    "CLIPS_QOS", "DEFAULT_NAMESPACE", "SERVICE_QOS", "StoppableNode", "camera_qos", "run_nodes",
+    "CLIPS_QOS", "DEFAULT_NAMESPACE", "SERVICE_QOS", "StoppableNode", "camera_qos",
+    "create_service", "run_nodes", "send_patiently", "spin_until",
 ]
 
 _SPIN_PERIOD_S = 0.1  # longest delay between a signal and the start of the shutdown
@@ -68,6 +76,89 @@ SERVICE_QOS = QoSProfile(
 )
 
 
+#: How long a service keeps re-sending an answer its client's response reader has not
+#: matched yet (see :func:`create_service`).
+RESPONSE_PATIENCE_S = 10.0
+_RESPONSE_LOST = "failed to send response"
+_WARNINGS_LOCK = threading.Lock()
+
+
+def _delivered(send: Callable[[], None]) -> bool:
+    """Call ``send`` once; False if rclpy warned that the answer was not delivered."""
+    # catch_warnings swaps process-wide state: one sender at a time, for one send
+    with _WARNINGS_LOCK, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        send()
+    lost = False
+    for w in caught:
+        if str(w.message).startswith(_RESPONSE_LOST):
+            lost = True
+        else:  # another thread's warning of that moment goes out as usual
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return not lost
+
+
+def send_patiently(send: Callable[[], None], patience_s: float = RESPONSE_PATIENCE_S,
+                   pause_s: float = 0.05) -> int:
+    """Call ``send`` until it stops reporting the answer as undeliverable.
+
+    Fast DDS sends an answer only once the server has matched the client's response reader
+    and gives up after 100 ms (rclpy warns ``failed to send response (timeout)``): the
+    answer is dropped and the caller waits forever. On a loaded machine a client's first
+    call after ``wait_for_service`` can arrive that early (ros2/rmw_fastrtps#467; Nav2 users
+    meet it at startup).
+
+    Returns:
+        The number of attempts (1: delivered at once).
+
+    Raises:
+        TimeoutError: still undeliverable after ``patience_s`` seconds.
+    """
+    deadline = time.monotonic() + patience_s
+    attempts = 1
+    while not _delivered(send):
+        if time.monotonic() + pause_s > deadline:
+            raise TimeoutError(f"not delivered in {attempts} attempts over {patience_s:g} s")
+        time.sleep(pause_s)
+        attempts += 1
+    return attempts
+
+
+def create_service(node: Node, srv_type, name: str, callback: Callable, *,
+                   callback_group=None) -> Service:
+    """``node.create_service`` with :data:`SERVICE_QOS` and answers that wait for slow clients.
+
+    An answer Fast DDS drops because the client's response reader is not matched yet (see
+    :func:`send_patiently`) is sent again from a background thread for up to
+    :data:`RESPONSE_PATIENCE_S`, so the service's callback group is free for the next
+    request meanwhile; an answer that never goes out is logged.
+    """
+    srv = node.create_service(srv_type, name, callback, qos_profile=SERVICE_QOS,
+                              callback_group=callback_group)
+    send = srv.send_response
+    log = node.get_logger()
+
+    def resend(response, header) -> None:
+        try:
+            attempts = send_patiently(lambda: send(response, header))
+        except TimeoutError as exc:
+            log.error(f"{srv.service_name}: an answer could not be delivered, the client's "
+                      f"response reader never matched (incompatible QoS, or it left): {exc}")
+        except Exception as exc:  # the node was destroyed meanwhile
+            log.debug(f"{srv.service_name}: answer dropped: {exc!r}")
+        else:
+            log.info(f"{srv.service_name}: answer delivered at attempt {attempts + 1} (the "
+                     "client's response reader matched late)")
+
+    def send_response(response, header) -> None:
+        if not _delivered(lambda: send(response, header)):
+            threading.Thread(target=resend, args=(response, header), daemon=True,
+                             name=f"resend {srv.service_name}").start()
+
+    srv.send_response = send_response  # the executor sends every answer through this
+    return srv
+
+
 def camera_qos(reliability: str, depth: int) -> QoSProfile:
     """QoS of a camera subscription: keep last ``depth``, ``reliable`` or best effort."""
     return QoSProfile(
@@ -88,6 +179,23 @@ class StoppableNode(Node):
         """Stop background work, then destroy the node."""
         self.stop()
         super().destroy_node()
+
+
+def spin_until(executor: Executor, stop: threading.Event,
+               on_error: Callable[[str], None]) -> None:
+    """Spin ``executor`` until ``stop`` is set or its context shuts down.
+
+    A callback that raises (or an rclpy race, e.g. entities created from another thread
+    while it waits, ros2/rclpy#564) does not end the spinning: its traceback goes to
+    ``on_error`` and the other callbacks keep being served.
+    """
+    while not stop.is_set() and executor.context.ok():
+        try:
+            executor.spin_once(timeout_sec=_SPIN_PERIOD_S)
+        except (KeyboardInterrupt, ExternalShutdownException, ShutdownException):
+            raise
+        except Exception:
+            on_error(traceback.format_exc())
 
 
 def run_nodes(
@@ -117,16 +225,10 @@ def run_nodes(
         for make in factories:
             nodes.append(make())
             executor.add_node(nodes[-1])
-        while not stop.is_set() and rclpy.ok():
-            try:
-                executor.spin_once(timeout_sec=_SPIN_PERIOD_S)
-            except (KeyboardInterrupt, ExternalShutdownException):
-                raise
-            except Exception:  # a callback raised: log it, keep the nodes serving
-                rclpy.logging.get_logger("dino_tracker").error(
-                    f"a callback raised; the node keeps running:\n{traceback.format_exc()}",
-                    throttle_duration_sec=1.0)
-    except (KeyboardInterrupt, ExternalShutdownException):
+        log = rclpy.logging.get_logger("dino_tracker")
+        spin_until(executor, stop, lambda tb: log.error(
+            f"a callback raised; the node keeps running:\n{tb}", throttle_duration_sec=1.0))
+    except (KeyboardInterrupt, ExternalShutdownException, ShutdownException):
         pass
     except (DinoTrackerError, InvalidParameterValueException,
             InvalidParameterTypeException) as exc:

@@ -80,9 +80,9 @@ from .recorder import RECORDER_PARAMS
 from .runtime import (
     CLIPS_QOS,
     DEFAULT_NAMESPACE,
-    SERVICE_QOS,
     StoppableNode,
     camera_qos,
+    create_service,
     run_nodes,
 )
 from .trainer import CONFIG_SECTIONS, RANDOM_INIT_WARNING
@@ -229,8 +229,8 @@ class TrackerNode(StoppableNode):
         self._markers_pub = self.create_publisher(MarkerArray, "markers", 10)
         self._overlay_pub = self.create_publisher(
             Image, "overlay", QoSProfile(depth=5, reliability=ReliabilityPolicy.RELIABLE))
-        self.create_service(QueryTracks, "query_tracks", self._on_query, qos_profile=SERVICE_QOS,
-                            callback_group=MutuallyExclusiveCallbackGroup())
+        create_service(self, QueryTracks, "query_tracks", self._on_query,
+                       callback_group=MutuallyExclusiveCallbackGroup())
         self.create_subscription(ClipInfo, "clips", self._on_clip_info, CLIPS_QOS,
                                  callback_group=MutuallyExclusiveCallbackGroup())
         rate = float(self.params.value("overlay_rate"))
@@ -240,8 +240,8 @@ class TrackerNode(StoppableNode):
         self._live_pub = self.create_publisher(TrajectoryArray, "live", 10)
         self._camera_group = MutuallyExclusiveCallbackGroup()
         self._converter = ImageConverter()
-        self.create_service(TrackLive, "track_live", self._on_track_live, qos_profile=SERVICE_QOS,
-                            callback_group=MutuallyExclusiveCallbackGroup())
+        create_service(self, TrackLive, "track_live", self._on_track_live,
+                       callback_group=MutuallyExclusiveCallbackGroup())
         self.create_timer(float(self.params.value("live_stats_period")), self._log_live,
                           callback_group=MutuallyExclusiveCallbackGroup())
         self._preloader.start()

@@ -24,12 +24,32 @@ pytest.importorskip("dino_tracker_msgs.msg")
 
 from rclpy.action import ActionClient  # noqa: E402
 from rclpy.context import Context  # noqa: E402
-from rclpy.executors import MultiThreadedExecutor  # noqa: E402
+from rclpy.executors import (  # noqa: E402
+    ExternalShutdownException,
+    MultiThreadedExecutor,
+    ShutdownException,
+)
 from rclpy.qos import QoSProfile  # noqa: E402
 from rclpy.signals import SignalHandlerOptions  # noqa: E402
 
+from dino_tracker_ros.ros.runtime import spin_until  # noqa: E402
+
 PACKAGE_DIR = Path(__file__).resolve().parents[2]  # dino_tracker_ros/ (the ament package)
 CONFIG_FILE = PACKAGE_DIR / "config" / "dino_tracker.yaml"
+
+
+_RUNNING: list[NodeProcess] = []  # node processes of the current module, for failure reports
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test's report ends with the last lines of each running node process's log."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        for proc in _RUNNING:
+            tail = "\n".join(proc.output().splitlines()[-40:])
+            report.sections.append((f"node log {proc.log_path} (last 40 lines)", tail))
 
 
 class NodeProcess:
@@ -77,14 +97,23 @@ class RosClient:
         self.node = rclpy.create_node(name, namespace=namespace, context=context)
         self.executor = MultiThreadedExecutor(num_threads=4, context=context)
         self.executor.add_node(self.node)
-        self._thread = threading.Thread(target=self.executor.spin, daemon=True)
+        self.errors: list[str] = []  # tracebacks of callbacks that raised on this side
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._spin, daemon=True)
         self._thread.start()
+
+    def _spin(self) -> None:
+        try:
+            spin_until(self.executor, self._stop, self.errors.append)
+        except (ExternalShutdownException, ShutdownException):
+            pass
 
     def wait_future(self, future, timeout: float):
         deadline = time.monotonic() + timeout
         while not future.done():
             if time.monotonic() > deadline:
-                raise AssertionError(f"no answer within {timeout} s")
+                raised = f"; client callbacks raised:\n{self.errors[-1]}" if self.errors else ""
+                raise AssertionError(f"no answer within {timeout} s{raised}")
             time.sleep(0.005)
         return future.result()
 
@@ -109,6 +138,7 @@ class RosClient:
         return box
 
     def close(self) -> None:
+        self._stop.set()
         self.executor.shutdown()
         self._thread.join(10)
         self.node.destroy_node()
@@ -144,11 +174,13 @@ def node_process(tmp_path_factory) -> Iterator[Callable[..., NodeProcess]]:
         argv = [module, *args] if module.startswith("-") else ["-m", module, *args]
         proc = NodeProcess(argv, base / f"{len(procs)}.log", base)
         procs.append(proc)
+        _RUNNING.append(proc)
         return proc
 
     yield start
     for proc in procs:
         proc.stop()
+        _RUNNING.remove(proc)
 
 
 @pytest.fixture(scope="session")

@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from rclpy.parameter import Parameter
 from rclpy.parameter_client import AsyncParameterClient
-from rclpy.qos import QoSProfile, ReliabilityPolicy
+from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import Image
 from suite_helpers import tree_hash
 
@@ -378,3 +378,31 @@ def test_disk_errors_answer_false_and_keep_clips(system, tmp_path):
     assert ok.success, ok.message  # back to normal
     print("disk errors through the services:" + "".join(f"\n  {m}" for m in lines)
           + ("" if mounted else "\n  (read-only bind mount not permitted here: skipped)"))
+
+
+# -- answers that cannot be delivered at once --------------------------------------------------
+def test_undeliverable_answer_is_logged_and_others_served(system, wait):
+    """A client whose response reader never matches gets no answer; the node says so, and
+    the same service answers other callers meanwhile (the answer is re-sent in the
+    background, see ``runtime.create_service``).
+
+    The response reader asks for transient-local durability, which the service's volatile
+    response writer cannot offer: Fast DDS never matches them, so every send of that answer
+    reports ``failed to send response (timeout)``, as it does for a client that is merely
+    late to match on a loaded machine.
+    """
+    s = system
+    deaf = s.client.node.create_client(
+        ListClips, "list_clips",
+        qos_profile=QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE,
+                               durability=DurabilityPolicy.TRANSIENT_LOCAL))
+    lost = deaf.call_async(ListClips.Request())
+    logged = f"{NS}/list_clips: an answer could not be delivered"
+    time.sleep(1.0)  # the request has arrived; its answer is being re-sent
+    resp = s.client.call(s.list, ListClips.Request(), timeout=30)
+    assert sorted(c.clip_id for c in resp.clips) == sorted(stored(s))
+    assert logged not in s.proc.output()  # answered while the lost answer was still re-sent
+    wait(lambda: logged in s.proc.output(), 60, "the undeliverable answer's log line")
+    assert not lost.done()
+    s.client.node.destroy_client(deaf)
+    assert s.proc.proc.poll() is None
