@@ -118,6 +118,22 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def _fsync_tree(root: Path) -> None:
+    """Flush every file under ``root`` to disk, then the directories (deepest first).
+
+    Before a directory is renamed into place its files' data must be on disk too: a
+    directory entry alone survives a power cut with empty or short files behind it.
+    """
+    for dirpath, _dirs, files in sorted(os.walk(root), key=lambda e: -len(e[0])):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
 @contextlib.contextmanager
 def atomic_path(path: PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success fsync it and rename it to ``path``.
@@ -155,7 +171,8 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def atomic_dir(path: PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory beside ``path``; on success rename it to ``path``.
+    """Yield a temporary directory beside ``path``; on success flush it to disk (files and
+    directories) and rename it to ``path``.
 
     Args:
         path: the final directory; must not exist unless ``overwrite``.
@@ -179,7 +196,7 @@ def atomic_dir(path: PathLike, overwrite: bool = False) -> Iterator[Path]:
         raise disk_error(path, exc) from None
     try:
         yield tmp
-        _fsync_dir(tmp)
+        _fsync_tree(tmp)
         os.chmod(tmp, _DIR_MODE)
         if overwrite and path.exists():
             _swap_in(tmp, path)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -41,6 +43,27 @@ def test_atomic_dir_and_json(tmp_path):
     assert read_json(target / "meta.json") == {"a": 1}
     with pytest.raises(FileExistsError), atomic_dir(target):
         pass
+
+
+def test_atomic_dir_flushes_every_file_before_the_rename(tmp_path, monkeypatch):
+    """Each file's data (and each directory) is fsynced before the directory appears."""
+    before_rename: set[int] = set()
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:  # the real fsync, recording what it flushed before the rename
+        real_fsync(fd)
+        if not (tmp_path / "clip").exists():
+            before_rename.add(os.fstat(fd).st_ino)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with atomic_dir(tmp_path / "clip") as tmp:
+        (tmp / "frames").mkdir()
+        for k in range(3):
+            (tmp / "frames" / f"{k:06d}.png").write_bytes(b"x" * 1000 * (k + 1))
+        (tmp / "clip.json").write_text("{}")
+    inodes = {p.stat().st_ino for p in (tmp_path / "clip").rglob("*")}
+    inodes.add((tmp_path / "clip").stat().st_ino)
+    assert len(inodes) == 6 and inodes <= before_rename, "not flushed before the rename"
 
 
 def test_working_size_tiles_the_token_grid():
