@@ -388,7 +388,8 @@ class RecorderNode(Node):
     # -- camera ----------------------------------------------------------------------------
     def _on_image(self, msg) -> None:
         log = self.get_logger()
-        stamp = stamp_to_ns(msg.header.stamp) or self.get_clock().now().nanoseconds
+        header_ns = stamp_to_ns(msg.header.stamp)
+        stamp = header_ns or self.get_clock().now().nanoseconds  # unstamped: arrival time
         try:
             if self._compressed:
                 rgb = self._converter.compressed_to_rgb(msg)
@@ -397,7 +398,8 @@ class RecorderNode(Node):
                 rgb = self._converter.to_rgb(msg)
                 encoding = msg.encoding
         except Exception as exc:  # ImageEncodingError, CvBridgeError: keep going
-            self._buffer.reject(stamp if stamp >= 0 else None)
+            # only a camera stamp advances the gap count (an arrival time is another clock)
+            self._buffer.reject(header_ns if header_ns > 0 else None)
             log.warning(f"frame rejected: {exc}", throttle_duration_sec=5.0)
             return
         if stamp < 0:
