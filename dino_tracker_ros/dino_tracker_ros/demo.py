@@ -172,16 +172,11 @@ class RosClient:
         self._spin.start()
 
     def _spin_forever(self) -> None:
-        from rclpy.executors import ExternalShutdownException, ShutdownException
-
         from .ros.runtime import spin_until
 
         log = self.node.get_logger()
-        try:
-            spin_until(self.executor, self._stop, lambda tb: log.error(
-                f"a callback raised; still spinning:\n{tb}", throttle_duration_sec=1.0))
-        except (ExternalShutdownException, ShutdownException):
-            pass
+        spin_until(self.executor, self._stop, lambda tb: log.error(
+            f"a callback raised; still spinning:\n{tb}", throttle_duration_sec=1.0))
 
     def call(self, client, request, timeout: float):
         """Call service ``client`` and wait for the answer (RuntimeError after ``timeout``)."""

@@ -289,13 +289,11 @@ class FrameBuffer:
             missed = 0
             if len(self._periods) >= self._MIN_PERIODS:
                 missed = _gap_frames(dt, float(np.percentile(self._periods, 10)))
-                self._periods.append(dt)
-            else:
-                self._periods.append(dt)
-                if len(self._periods) == self._MIN_PERIODS:
-                    # the first estimate of the period: count the gaps seen before it too
-                    period = float(np.percentile(self._periods, 10))
-                    missed = sum(_gap_frames(d, period) for d in self._periods)
+            self._periods.append(dt)
+            if len(self._periods) == self._MIN_PERIODS:
+                # the first estimate of the period: count the gaps seen before it too
+                period = float(np.percentile(self._periods, 10))
+                missed = sum(_gap_frames(d, period) for d in self._periods)
             if missed:
                 self._stats = replace(self._stats, missed=self._stats.missed + missed)
         self._last_stamp = stamp

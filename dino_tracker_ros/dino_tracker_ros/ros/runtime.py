@@ -183,7 +183,7 @@ class StoppableNode(Node):
 
 def spin_until(executor: Executor, stop: threading.Event,
                on_error: Callable[[str], None]) -> None:
-    """Spin ``executor`` until ``stop`` is set or its context shuts down.
+    """Spin ``executor`` until ``stop`` is set or it or its context shuts down.
 
     A callback that raises (or an rclpy race, e.g. entities created from another thread
     while it waits, ros2/rclpy#564) does not end the spinning: its traceback goes to
@@ -192,8 +192,8 @@ def spin_until(executor: Executor, stop: threading.Event,
     while not stop.is_set() and executor.context.ok():
         try:
             executor.spin_once(timeout_sec=_SPIN_PERIOD_S)
-        except (KeyboardInterrupt, ExternalShutdownException, ShutdownException):
-            raise
+        except (ExternalShutdownException, ShutdownException):
+            return
         except Exception:
             on_error(traceback.format_exc())
 
@@ -228,7 +228,7 @@ def run_nodes(
         log = rclpy.logging.get_logger("dino_tracker")
         spin_until(executor, stop, lambda tb: log.error(
             f"a callback raised; the node keeps running:\n{tb}", throttle_duration_sec=1.0))
-    except (KeyboardInterrupt, ExternalShutdownException, ShutdownException):
+    except (KeyboardInterrupt, ExternalShutdownException):
         pass
     except (DinoTrackerError, InvalidParameterValueException,
             InvalidParameterTypeException) as exc:

@@ -24,11 +24,7 @@ pytest.importorskip("dino_tracker_msgs.msg")
 
 from rclpy.action import ActionClient  # noqa: E402
 from rclpy.context import Context  # noqa: E402
-from rclpy.executors import (  # noqa: E402
-    ExternalShutdownException,
-    MultiThreadedExecutor,
-    ShutdownException,
-)
+from rclpy.executors import MultiThreadedExecutor  # noqa: E402
 from rclpy.qos import QoSProfile  # noqa: E402
 from rclpy.signals import SignalHandlerOptions  # noqa: E402
 
@@ -99,14 +95,9 @@ class RosClient:
         self.executor.add_node(self.node)
         self.errors: list[str] = []  # tracebacks of callbacks that raised on this side
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._spin, daemon=True)
+        self._thread = threading.Thread(
+            target=spin_until, args=(self.executor, self._stop, self.errors.append), daemon=True)
         self._thread.start()
-
-    def _spin(self) -> None:
-        try:
-            spin_until(self.executor, self._stop, self.errors.append)
-        except (ExternalShutdownException, ShutdownException):
-            pass
 
     def wait_future(self, future, timeout: float):
         deadline = time.monotonic() + timeout
